@@ -1,0 +1,140 @@
+"""Load a Hugging Face causal LM and its tokenizer, on the right device and dtype.
+
+The built-in teacher is an ordinary model directory on disk; `"builtin"` only names where it lives,
+so every stage loads it through the same `from_pretrained` path as a hub model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+BUILTIN_MODEL = "builtin"
+
+
+class ModelLoadError(ValueError):
+    """The model path or name cannot be loaded as a causal LM."""
+
+
+@dataclass
+class LoadedModel:
+    model: PreTrainedModel
+    tokenizer: object
+    name: str
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def context_length(self) -> int | None:
+        return context_length(self.model)
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    if device not in (None, "auto"):
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def pick_dtype(device: torch.device, dtype: str | None = None) -> torch.dtype:
+    """bf16 on GPUs that support it, fp32 elsewhere (fp32 is what makes CPU decoding exact)."""
+    if dtype not in (None, "auto"):
+        try:
+            return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+                    "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[dtype]
+        except KeyError:
+            raise ValueError(f"unknown dtype {dtype!r}: use float32, bfloat16 or float16") from None
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Map `builtin` to the cached built-in teacher directory (training it on first use)."""
+    if name_or_path == BUILTIN_MODEL:
+        from cllm.teacher import ensure_builtin_teacher
+
+        return str(ensure_builtin_teacher())
+    return name_or_path
+
+
+def context_length(model: PreTrainedModel) -> int | None:
+    config = model.config
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def load_tokenizer(name_or_path: str):
+    """Tokenizer with a pad token and left padding (what batched decoding needs)."""
+    path = resolve_model_path(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"cannot load a tokenizer from {name_or_path!r}: {err}") from err
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is not None:
+            tokenizer.pad_token = tokenizer.eos_token
+        else:
+            tokenizer.add_special_tokens({"pad_token": "<pad>"})
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def load_model(
+    name_or_path: str = BUILTIN_MODEL, *, device: str | None = None, dtype: str | None = None
+) -> LoadedModel:
+    """Load a causal LM and its tokenizer from a local directory or a hub name, ready for inference."""
+    path = resolve_model_path(name_or_path)
+    if not Path(path).exists() and (path.startswith(("/", ".", "~")) or path.count("/") > 1):
+        raise ModelLoadError(f"model path {name_or_path!r} does not exist")
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"cannot load a model config from {name_or_path!r}: {err}") from err
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise ModelLoadError(
+            f"{name_or_path!r} is a {config.model_type!r} model, not a causal language model"
+        )
+    torch_device = pick_device(device)
+    torch_dtype = pick_dtype(torch_device, dtype)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"cannot load model weights from {name_or_path!r}: {err}") from err
+    tokenizer = load_tokenizer(path)
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.to(torch_device).eval()
+    return LoadedModel(model=model, tokenizer=tokenizer, name=name_or_path)
+
+
+def format_prompt(tokenizer, prompt: str | list[dict], *, chat: bool = False) -> str:
+    """Turn a prompt (text or chat messages) into the text the model reads."""
+    if isinstance(prompt, list) or chat:
+        messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise ValueError("this model's tokenizer has no chat template; send a plain completion prompt")
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return prompt
+
+
+def encode_prompts(
+    tokenizer, prompts: list[str], *, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded `input_ids` and `attention_mask` for a batch of prompt texts."""
+    if not prompts:
+        raise ValueError("no prompts to encode")
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
+    if batch["input_ids"].shape[1] == 0 or (batch["attention_mask"].sum(dim=1) == 0).any():
+        raise ValueError("empty prompt: every prompt needs at least one token")
+    return batch["input_ids"].to(device), batch["attention_mask"].to(device)
