@@ -1,0 +1,73 @@
+"""Side-by-side evaluation and the report files; `cllm bench` on a saved model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cllm.cli import main as cli_main
+from cllm.evaluate import METHODS, count_forwards, evaluate_model, write_report
+from cllm.models import LoadedModel
+
+PROMPTS = ["abc abc abc", "Hello there", "1 + 2 = "]
+
+
+@pytest.fixture(scope="module")
+def results(llama_model, tokenizer):
+    loaded = LoadedModel(llama_model, tokenizer, "tiny")
+
+    def exact_text(texts, answers):
+        return sum(t == a for t, a in zip(texts, answers, strict=True)) / len(answers)
+
+    return evaluate_model(loaded, PROMPTS, ["#### 1", "#### 2", "#### 3"], block_size=8, max_new_tokens=20,
+                          accuracy_fn=exact_text)
+
+
+def test_every_method_is_measured_and_exact(results):
+    by_method = {r.method: r for r in results}
+    assert list(by_method) == list(METHODS)
+    for r in results:
+        assert r.prompts == 3 and r.exact == 3, r.method  # all methods reproduce greedy decoding
+        assert r.new_tokens == by_method["hf_greedy"].new_tokens
+        assert r.seconds > 0 and r.accuracy == 0.0
+    assert by_method["hf_greedy"].tokens_per_forward == 1.0
+    assert by_method["ar"].tokens_per_forward == 1.0
+    assert by_method["hf_greedy"].speedup == 1.0
+    # our counters and the forward hook agree: the Jacobi histogram covers every decoding pass
+    jacobi = by_method["jacobi"]
+    assert sum(jacobi.commit_histogram.values()) == jacobi.decode_forwards
+    assert 1.0 <= jacobi.tokens_per_forward <= 8
+
+
+def test_forward_counter_counts_model_calls(llama_model, tokenizer):
+    ids = tokenizer(["abc"], return_tensors="pt")["input_ids"]
+    with count_forwards(llama_model) as calls:
+        llama_model.generate(ids, max_new_tokens=5, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert calls[0] == 5  # prefill + 4 decoding steps
+
+
+def test_report_files(results, tmp_path):
+    paths = write_report(results, tmp_path, settings={"block_size": 8})
+    report = json.loads(paths["json"].read_text())
+    assert report["settings"] == {"block_size": 8}
+    assert [r["method"] for r in report["results"]] == list(METHODS)
+    assert "| tiny | jacobi |" in paths["markdown"].read_text()
+    for name in ("tpf", "speedup", "commit_histogram"):
+        assert paths[name].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_unknown_method_is_rejected(llama_model, tokenizer):
+    with pytest.raises(ValueError, match="unknown evaluation methods"):
+        evaluate_model(LoadedModel(llama_model, tokenizer, "tiny"), PROMPTS, methods=("beam",))
+
+
+def test_cllm_bench_cli(tiny_model_dir, tmp_path, capsys):
+    data = tmp_path / "prompts.jsonl"
+    data.write_text('{"prompt": "2 + 2 =", "answer": "#### 4"}\n{"prompt": "hello", "answer": "#### 1"}\n')
+    cli_main(["bench", "--models", str(tiny_model_dir), "--dataset", str(data), "--limit", "2",
+              "--max-new-tokens", "12", "--block-size", "4", "--methods", "ar", "--methods", "jacobi",
+              "--output-dir", str(tmp_path / "bench")])
+    table = capsys.readouterr().out
+    assert "| jacobi |" in table and "| ar |" in table and "| hf_greedy |" in table
+    assert (tmp_path / "bench" / "report.json").is_file()
