@@ -1,0 +1,43 @@
+"""Train a CLLM (or, with `--objective ar`, a plain next-token model) on Ray Train.
+
+    python pipelines/train.py --data outputs/run1/trajectories --output-dir outputs/run1/cllm
+    python pipelines/train.py --config train.yaml --model outputs/teacher --max-steps 200
+    python pipelines/train.py --config train.yaml --strategy deepspeed --zero-stage 3 --bf16 --use-gpu
+
+Keys are TrainConfig's (cllm/train.py). Rerunning with the same --storage-path and --run-name resumes
+from the last checkpoint; the final model lands in --output-dir as an ordinary HF directory.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+import ray  # noqa: E402
+
+from cllm.config import load_config  # noqa: E402
+from cllm.train import TrainConfig, TrainResult, run_training  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> TrainResult:
+    try:
+        config = load_config(TrainConfig, sys.argv[1:] if argv is None else argv)
+    except ValueError as err:
+        sys.exit(f"error: {err}")
+    ray.init(address=config.ray_address, include_dashboard=False)
+    try:
+        result = run_training(config)
+    except ValueError as err:
+        sys.exit(f"error: {err}")
+    finally:
+        ray.shutdown()
+    print(f"model saved to {result.model_dir}")
+    print(json.dumps(result.metrics, indent=2, default=str))
+    return result
+
+
+if __name__ == "__main__":
+    main()

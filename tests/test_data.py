@@ -1,0 +1,159 @@
+"""Records -> padded batches: examples, masks, padding, truncation, bad records."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import pytest
+import torch
+
+from cllm.data import (
+    check_columns,
+    collate_ar,
+    collate_consistency,
+    consistency_example,
+)
+from cllm.losses import IGNORE_INDEX
+
+PAD, EOS = 0, 2
+
+
+def trajectory(prefix, prompt_len, states, fixed_point, labels=None, block_idx=0):
+    return {
+        "prompt_id": 7,
+        "block_idx": block_idx,
+        "prompt_len": prompt_len,
+        "prefix_ids": prefix,
+        "states": states,
+        "fixed_point": fixed_point,
+        "num_iters": len(states) + 1,
+        "eos_in_block": EOS in fixed_point,
+        "labels": labels,
+    }
+
+
+# A second block of a response: prompt [1, 5, 6], first block [10, 11], this block [12, 13, 14].
+SECOND_BLOCK = trajectory([1, 5, 6, 10, 11], 3, [[30, 31, 32], [12, 31, 32]], [12, 13, 14])
+# A final block cut at EOS (2 tokens) whose states still hold the full window of 3.
+LAST_BLOCK = trajectory([1, 8], 2, [[40, 41, 42]], [20, EOS], labels=[20, 21])
+NO_STATES = trajectory([1, 9], 2, [], [25, 26])
+
+
+def test_check_columns_names_what_is_missing():
+    check_columns(["prompt_ids", "target_ids"], "ar")
+    check_columns(["prompt_len", "prefix_ids", "states", "fixed_point", "labels"], "consistency")
+    with pytest.raises(ValueError, match=r"missing \['target_ids'\]"):
+        check_columns(["prompt_ids"], "ar")
+    with pytest.raises(ValueError, match="states"):
+        check_columns(["prompt_ids", "target_ids"], "consistency")
+
+
+def test_consistency_example_draws_states_uniformly():
+    record = trajectory([1], 1, [[5, 5], [6, 5], [6, 7]], [6, 8])
+    rng = random.Random(0)
+    picks = Counter(tuple(consistency_example(record, rng)[0][1:]) for _ in range(3000))
+    assert set(picks) == {(5, 5), (6, 5), (6, 7)}
+    assert all(800 < n < 1200 for n in picks.values())
+    # Local consistency pairs a state with the next one, the last state with the fixed point.
+    rng = random.Random(1)
+    pairs = {tuple(map(tuple, consistency_example(record, rng, "local"))) for _ in range(200)}
+    assert pairs == {((1, 5, 5), (1, 6, 5)), ((1, 6, 5), (1, 6, 7)), ((1, 6, 7), (1, 6, 8))}
+
+
+def test_collate_consistency_pads_right_and_masks_from_the_first_wrong_token():
+    batch = collate_consistency([SECOND_BLOCK, LAST_BLOCK], rng=random.Random(0), pad_token_id=PAD, eos_token_ids=[EOS])
+    ids, target, attn, mask = (
+        batch["input_ids"],
+        batch["target_ids"],
+        batch["attention_mask"],
+        batch["loss_mask"],
+    )
+    assert ids.shape == target.shape == attn.shape == mask.shape == (2, 8)
+    assert attn.tolist() == [[1] * 8, [1] * 4 + [0] * 4]
+    assert target.tolist() == [[1, 5, 6, 10, 11, 12, 13, 14], [1, 8, 20, EOS, 0, 0, 0, 0]]
+    # Row 1: the state is cut to the fixed point's length (2 tokens) and padded.
+    assert ids[1].tolist() == [1, 8, 40, 41, 0, 0, 0, 0]
+    assert mask[1].nonzero().flatten().tolist() == [1, 2]  # predictions of block tokens 0 and 1 (EOS)
+    # Row 0: whichever state was drawn, the kept logits start one before its first wrong token.
+    first_wrong = next(i for i in range(5, 8) if ids[0, i] != target[0, i])
+    assert mask[0].nonzero().flatten().tolist() == list(range(first_wrong - 1, 7))
+    # Global consistency on teacher output: AR labels align with target_ids, the prompt is masked.
+    assert "ar_input_ids" not in batch
+    assert batch["ar_labels"].tolist() == [
+        [IGNORE_INDEX] * 3 + [10, 11, 12, 13, 14],
+        [IGNORE_INDEX] * 2 + [20, EOS] + [IGNORE_INDEX] * 4,
+    ]
+
+
+def test_record_without_states_adds_only_ar():
+    batch = collate_consistency([NO_STATES], rng=random.Random(0), pad_token_id=PAD, eos_token_ids=[EOS])
+    assert torch.equal(batch["input_ids"], batch["target_ids"])
+    assert not batch["loss_mask"].any()
+    assert batch["ar_labels"].tolist() == [[IGNORE_INDEX, IGNORE_INDEX, 25, 26]]
+
+
+def test_ground_truth_labels_replace_the_teacher_output_where_present():
+    batch = collate_consistency(
+        [LAST_BLOCK, SECOND_BLOCK],
+        rng=random.Random(0),
+        pad_token_id=PAD,
+        eos_token_ids=[EOS],
+        ar_source="labels",
+        consistency="local",
+    )
+    # Row 0 has labels [20, 21]: EOS is appended; row 1 has none and falls back to the teacher output.
+    assert batch["ar_input_ids"].tolist() == [[1, 8, 20, 21, EOS, 0, 0, 0], [1, 5, 6, 10, 11, 12, 13, 14]]
+    assert batch["ar_attention_mask"].tolist() == [[1] * 5 + [0] * 3, [1] * 8]
+    assert batch["ar_labels"][0].tolist() == [IGNORE_INDEX] * 2 + [20, 21, EOS] + [IGNORE_INDEX] * 3
+    # Local consistency: row 0's only state pairs with the fixed point; the mask still follows y*.
+    assert batch["target_ids"][0].tolist()[:4] == [1, 8, 20, EOS]
+
+
+def test_unmasked_prompt_and_left_truncation():
+    batch = collate_consistency(
+        [SECOND_BLOCK],
+        rng=random.Random(0),
+        pad_token_id=PAD,
+        eos_token_ids=[EOS],
+        mask_prompt=False,
+        max_len=5,
+    )
+    # 8 tokens cut to the last 5: the block (3) and the first response block (2) stay.
+    assert batch["target_ids"].tolist() == [[10, 11, 12, 13, 14]]
+    assert batch["ar_labels"].tolist() == [[10, 11, 12, 13, 14]]
+    first_wrong = next(i for i in range(2, 5) if batch["input_ids"][0, i] != batch["target_ids"][0, i])
+    assert batch["loss_mask"][0].nonzero().flatten().tolist() == list(range(first_wrong - 1, 4))
+    with pytest.raises(ValueError, match="exceeds max_len"):
+        collate_consistency([SECOND_BLOCK], rng=random.Random(0), pad_token_id=PAD, max_len=2)
+
+
+def test_collate_ar_masks_prompt_and_padding():
+    records = [
+        {"prompt_ids": [1, 5, 6], "target_ids": [7, EOS]},
+        {"prompt_ids": [1], "target_ids": [8, 9, EOS]},
+    ]
+    batch = collate_ar(records, pad_token_id=PAD)
+    assert batch["input_ids"].tolist() == [[1, 5, 6, 7, EOS], [1, 8, 9, EOS, PAD]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]
+    assert batch["labels"].tolist() == [
+        [IGNORE_INDEX] * 3 + [7, EOS],
+        [IGNORE_INDEX, 8, 9, EOS, IGNORE_INDEX],
+    ]
+    unmasked = collate_ar(records, pad_token_id=PAD, mask_prompt=False)
+    assert unmasked["labels"][0].tolist() == [1, 5, 6, 7, EOS]
+
+
+@pytest.mark.parametrize(
+    ("record", "message"),
+    [
+        (trajectory([1, 2], 1, [], []), "empty fixed_point"),
+        (trajectory([1, 2], 3, [], [4]), "prompt_len"),
+        (trajectory([1, 2], 1, [[4]], [4, 5]), "shorter than its fixed point"),
+    ],
+)
+def test_bad_trajectory_records_raise_value_error(record, message):
+    with pytest.raises(ValueError, match=message):
+        collate_consistency([record], rng=random.Random(0), pad_token_id=PAD)
+    with pytest.raises(ValueError, match="empty target_ids"):
+        collate_ar([{"prompt_ids": [1], "target_ids": []}], pad_token_id=PAD)

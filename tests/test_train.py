@@ -1,0 +1,239 @@
+"""The Ray Train trainer end to end on 2 CPU workers with a tiny Llama: steps, checkpoints, resume, retry."""
+
+from __future__ import annotations
+
+import random
+import string
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import ray
+import torch
+from safetensors.torch import load_file
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from cllm.config import load_config
+from cllm.models import load_model
+from cllm.train import FAIL_ONCE_ENV, TrainConfig, run_training
+
+SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
+CHARS = string.ascii_lowercase + string.digits + " +=#"
+
+
+def build_tiny_model(path: Path, seed: int = 0) -> Path:
+    """A 2-layer Llama with a character-level tokenizer, saved as an ordinary HF directory."""
+    vocab = {token: i for i, token in enumerate(SPECIALS + list(CHARS))}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tokenizer.decoder = decoders.Fuse()
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=vocab["<s>"],
+        eos_token_id=vocab["</s>"],
+        pad_token_id=vocab["<pad>"],
+    )
+    LlamaForCausalLM(config).save_pretrained(path)
+    wrapped.save_pretrained(path)
+    return path
+
+
+def write_trajectories(path: Path, n_prompts: int = 8, block: int = 4, seed: int = 0) -> Path:
+    """Trajectory records shaped like collection's: per block, states converging to the fixed point."""
+    rng = random.Random(seed)
+    rows = []
+    for prompt_id in range(n_prompts):
+        prompt = [1] + [rng.randrange(4, 44) for _ in range(rng.randrange(3, 8))]
+        prefix = list(prompt)
+        for block_idx in range(2):
+            fixed = [rng.randrange(4, 44) for _ in range(block)]
+            if block_idx == 1:
+                fixed = fixed[:2] + [2]  # the last block ends with EOS
+            states = [[rng.randrange(4, 44) for _ in range(block)]]
+            for k in range(1, rng.randrange(1, len(fixed))):
+                states.append(fixed[:k] + states[-1][k:])
+            rows.append(
+                {
+                    "prompt_id": prompt_id,
+                    "block_idx": block_idx,
+                    "prompt_len": len(prompt),
+                    "prefix_ids": list(prefix),
+                    "states": [s[: len(fixed)] for s in states] if prompt_id % 4 else [],
+                    "fixed_point": fixed,
+                    "num_iters": len(states) + 1,
+                    "eos_in_block": 2 in fixed,
+                    "labels": fixed if prompt_id % 2 else None,
+                }
+            )
+            prefix += fixed
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+def write_ar_records(path: Path, n: int = 16) -> Path:
+    rng = random.Random(1)
+    rows = [
+        {
+            "prompt_ids": [1] + [rng.randrange(4, 44) for _ in range(5)],
+            "target_ids": [rng.randrange(4, 44), 2],
+        }
+        for _ in range(n)
+    ]
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+def config_for(tmp_path: Path, model: Path, data: Path, **overrides) -> TrainConfig:
+    values = dict(
+        model=str(model),
+        data=str(data),
+        output_dir=str(tmp_path / "out"),
+        storage_path=str(tmp_path / "ray_train"),
+        batch_size=4,
+        lr=1e-3,
+        checkpoint_every=1,
+        log_every=1,
+    )
+    return TrainConfig(**(values | overrides))
+
+
+def weights(model_dir: Path) -> dict[str, torch.Tensor]:
+    # Cloned: safetensors maps the file, and a later run rewrites the same output_dir.
+    return {name: tensor.clone() for name, tensor in load_file(model_dir / "model.safetensors").items()}
+
+
+def checkpoints(config: TrainConfig) -> list[Path]:
+    return sorted(p for p in Path(config.storage_path, config.run_name).glob("checkpoint_*") if p.is_dir())
+
+
+@pytest.mark.slow
+def test_ddp_consistency_training_checkpoints_and_resumes(ray_cluster, tiny_model, tmp_path):
+    data = write_trajectories(tmp_path / "traj.parquet")
+    config = config_for(tmp_path, tiny_model, data, max_steps=2, shuffle_buffer=8)
+    first = run_training(config)
+    assert first.metrics["step"] == 2 and first.metrics["start_step"] == 0
+    assert first.metrics["consistency_loss"] > 0 and first.metrics["ar_loss"] > 0
+    assert len(checkpoints(config)) == 2  # one per step, keep_checkpoints=2
+    assert {p.name for p in checkpoints(config)[-1].iterdir()} >= {"model", "trainer_state.pt"}
+    trained = weights(first.model_dir)
+    initial = weights(tiny_model)
+    assert any(not torch.equal(trained[k], initial[k]) for k in initial)
+    loaded = load_model(str(first.model_dir))  # standard HF directory with the tokenizer
+    assert loaded.tokenizer.eos_token == "</s>"
+
+    # Same storage_path + run_name: continues at step 2 from the checkpoint's weights and optimizer.
+    resumed = run_training(config.model_copy(update={"max_steps": 3}))
+    assert resumed.metrics["start_step"] == 2 and resumed.metrics["step"] == 3
+    assert any(not torch.equal(weights(resumed.model_dir)[k], trained[k]) for k in trained)
+
+
+@pytest.mark.slow
+def test_worker_failure_is_retried_from_the_last_checkpoint(ray_cluster, tiny_model, tmp_path, monkeypatch):
+    data = write_ar_records(tmp_path / "ar.parquet")
+    config = config_for(tmp_path, tiny_model, data, objective="ar", max_steps=3, max_failures=1)
+    monkeypatch.setenv(FAIL_ONCE_ENV, "2")  # rank 0 crashes after step 2, before its checkpoint
+    result = run_training(config)
+    assert result.metrics["step"] == 3
+    assert result.metrics["start_step"] == 1  # the retry resumed from the step-1 checkpoint
+    assert result.metrics["consistency_loss"] == 0 and result.metrics["ar_loss"] > 0
+
+
+@pytest.mark.slow
+def test_deepspeed_zero3_bf16_on_cpu_resumes(ray_cluster, tiny_model, tmp_path):
+    data = write_trajectories(tmp_path / "traj.parquet")
+    config = config_for(
+        tmp_path,
+        tiny_model,
+        data,
+        strategy="deepspeed",
+        zero_stage=3,
+        bf16=True,
+        consistency="local",
+        ar_source="labels",
+        max_steps=2,
+    )
+    first = run_training(config)
+    assert first.metrics["step"] == 2
+    # Each rank wrote its own ZeRO-3 shards; Ray Train merged them into one checkpoint folder.
+    shards = list(checkpoints(config)[-1].glob("deepspeed/state/*model_states.pt"))
+    assert len(shards) == 2
+    assert load_model(str(first.model_dir)).model.config.num_hidden_layers == 2
+    resumed = run_training(config.model_copy(update={"max_steps": 3}))
+    assert resumed.metrics["start_step"] == 2 and resumed.metrics["step"] == 3
+
+
+def test_bad_data_is_a_clear_error(ray_cluster, tiny_model, tmp_path):
+    with pytest.raises(ValueError, match="not found"):
+        run_training(config_for(tmp_path, tiny_model, tmp_path / "missing.parquet"))
+    ar_data = write_ar_records(tmp_path / "ar.parquet")
+    with pytest.raises(ValueError, match="missing"):
+        run_training(config_for(tmp_path, tiny_model, ar_data))  # consistency needs trajectory columns
+    with pytest.raises(ValueError, match="cannot load a model"):
+        run_training(config_for(tmp_path, tmp_path / "no-model", ar_data, objective="ar"))
+    with pytest.raises(ValueError, match="cannot feed"):
+        run_training(config_for(tmp_path, tiny_model, write_ar_records(tmp_path / "one.parquet", n=1), objective="ar"))
+
+
+@pytest.mark.slow
+def test_malformed_record_in_a_worker_is_a_value_error(ray_cluster, tiny_model, tmp_path):
+    data = tmp_path / "bad.parquet"
+    good = pq.read_table(write_trajectories(tmp_path / "traj.parquet")).to_pylist()
+    for row in good:
+        row["states"] = [[5]]  # shorter than every fixed point
+    pq.write_table(pa.Table.from_pylist(good), data)
+    with pytest.raises(ValueError, match="rejected its input: .*shorter than its fixed point"):
+        run_training(config_for(tmp_path, tiny_model, data, max_steps=1, max_failures=0))
+
+
+def test_cli_reports_bad_input_without_a_trace(tmp_path):
+    script = Path(__file__).resolve().parents[1] / "pipelines" / "train.py"
+    args = [
+        "--data",
+        str(tmp_path / "missing"),
+        "--output-dir",
+        str(tmp_path / "out"),
+        "--ray-address",
+        "local",
+    ]
+    done = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1
+    assert "error: training data not found" in done.stderr and "Traceback" not in done.stderr
+    done = subprocess.run([sys.executable, str(script), "--batch-size", "0"], capture_output=True, text=True)
+    assert done.returncode == 1 and "batch_size" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_config_from_yaml_and_cli(tmp_path):
+    yaml_file = tmp_path / "train.yaml"
+    yaml_file.write_text("data: d.parquet\noutput_dir: out\nstrategy: deepspeed\nzero_stage: 3\n")
+    config = load_config(TrainConfig, ["--config", str(yaml_file), "--max-steps", "5", "--bf16"])
+    assert (config.strategy, config.zero_stage, config.max_steps, config.bf16) == ("deepspeed", 3, 5, True)
+    assert config.storage_path == str(Path("out").resolve().parent / "ray_train")
+    assert config.ar_weight == 10.0 and config.consistency == "global"
+    with pytest.raises(ValueError, match="zero_stage"):
+        load_config(TrainConfig, ["--config", str(yaml_file), "--zero-stage", "4"])
