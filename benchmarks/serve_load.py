@@ -1,0 +1,247 @@
+"""Load test of the OpenAI server: N concurrent clients over loopback, Jacobi vs AR side by side.
+
+    python benchmarks/serve_load.py --model outputs/default/cllm            # starts both servers itself
+    python benchmarks/serve_load.py --model DIR --concurrency 1,16 --requests-per-client 4 --max-tokens 64
+    python benchmarks/serve_load.py --url http://127.0.0.1:8000 --model-name cllm   # a server already running
+
+It starts a local Ray with the same application twice (`/jacobi` and `/ar`: same model, same replica
+resources, only `mode` differs), warms both up, then for each concurrency level drives each mode in
+turn with a bounded number of requests, and prints requests/s, tokens/s, p50/p99 latency, time to first
+token (streaming) and tokens per forward. Greedy AR and Jacobi must answer identically; it checks that too.
+Prompts are the built-in task's test problems.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from pydantic import Field  # noqa: E402
+
+from cllm.config import StageConfig, load_config  # noqa: E402
+from cllm.tasks import arith  # noqa: E402
+
+
+class LoadConfig(StageConfig):
+    model: str | None = None  # default: the server's default (last default pipeline run, else built-in)
+    model_name: str = "cllm-bench"
+    url: str | None = None  # drive this running server instead of starting one (its own mode only)
+    modes: list[Literal["jacobi", "ar"]] = ["jacobi", "ar"]
+    concurrency: list[int] = [1, 16]
+    requests_per_client: int = Field(4, ge=1)
+    max_tokens: int = Field(64, ge=1)
+    stream: bool = True  # stream answers, which also measures time to first token
+    block_size: int = Field(16, ge=1)
+    init: Literal["prompt", "repeat", "pad", "ngram"] = "prompt"
+    max_batch_size: int = Field(16, ge=1)
+    num_cpus: float = Field(1.0, ge=0)  # per replica
+    seed: int = 0
+    request_timeout_s: float = Field(300.0, gt=0)
+
+
+@dataclass
+class Outcome:
+    latency: float
+    first_token: float | None
+    tokens: int
+    forward_passes: int
+    text: str
+
+
+def post_json(url: str, payload: dict, timeout: float):
+    request = urllib.request.Request(
+        url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"}
+    )
+    return urllib.request.urlopen(request, timeout=timeout)
+
+
+def complete(base: str, payload: dict, stream: bool, timeout: float) -> Outcome:
+    """One request; with streaming, read the SSE events and note when the first text arrived."""
+    start = time.perf_counter()
+    payload = {**payload, "stream": stream}
+    if stream:
+        payload["stream_options"] = {"include_usage": True}
+    with post_json(base + "/v1/completions", payload, timeout) as response:
+        if not stream:
+            answer = json.loads(response.read())
+            return Outcome(
+                time.perf_counter() - start,
+                None,
+                answer["usage"]["completion_tokens"],
+                answer["jacobi_stats"]["forward_passes"],
+                answer["choices"][0]["text"],
+            )
+        first, text, tokens, passes = None, [], 0, 0
+        for raw in response:
+            line = raw.decode("utf-8").strip()
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[len("data: ") :])
+            if "error" in event:
+                raise RuntimeError(event["error"]["message"])
+            for choice in event.get("choices", []):
+                if choice["text"] and first is None:
+                    first = time.perf_counter() - start
+                text.append(choice["text"])
+            if event.get("jacobi_stats"):
+                passes = event["jacobi_stats"]["forward_passes"]
+            if event.get("usage"):
+                tokens = event["usage"]["completion_tokens"]
+    return Outcome(time.perf_counter() - start, first, tokens, passes, "".join(text))
+
+
+def run_load(base: str, cfg: LoadConfig, model_name: str, prompts: list[str], concurrency: int):
+    """`concurrency` clients, each sending `requests_per_client` requests back to back."""
+
+    def client(c: int) -> list[tuple[str, Outcome]]:
+        results = []
+        for r in range(cfg.requests_per_client):
+            prompt = prompts[(c * cfg.requests_per_client + r) % len(prompts)]
+            payload = {"model": model_name, "prompt": prompt, "max_tokens": cfg.max_tokens}
+            results.append((prompt, complete(base, payload, cfg.stream, cfg.request_timeout_s)))
+        return results
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        per_client = list(pool.map(client, range(concurrency)))
+    wall = time.perf_counter() - start
+    return [item for results in per_client for item in results], wall
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
+
+
+def summarize(results: list[tuple[str, Outcome]], wall: float) -> dict:
+    outcomes = [o for _, o in results]
+    latencies = [o.latency for o in outcomes]
+    firsts = [o.first_token for o in outcomes if o.first_token is not None]
+    return {
+        "requests": len(outcomes),
+        "req_per_s": len(outcomes) / wall,
+        "tok_per_s": sum(o.tokens for o in outcomes) / wall,
+        "p50_s": percentile(latencies, 50),
+        "p99_s": percentile(latencies, 99),
+        "ttft_p50_s": percentile(firsts, 50) if firsts else float("nan"),
+        # each request's first token comes from prefill, as in JacobiOutput.tokens_per_forward
+        "tpf": sum(o.tokens - 1 for o in outcomes) / max(1, sum(o.forward_passes for o in outcomes)),
+    }
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_servers(cfg: LoadConfig) -> dict[str, str]:
+    """The same application once per mode on a local Ray, each under its own route prefix."""
+    import ray
+    from ray import serve
+
+    from cllm.serve import build_app
+
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    urls = {}
+    for mode in cfg.modes:
+        args = {
+            "mode": mode,
+            "model_name": cfg.model_name,
+            "block_size": cfg.block_size,
+            "init": cfg.init,
+            "max_batch_size": cfg.max_batch_size,
+            "max_ongoing_requests": max(32, cfg.max_batch_size),
+            "num_cpus": cfg.num_cpus,
+            "seed": cfg.seed,
+        }
+        if cfg.model is not None:
+            args["model"] = cfg.model
+        serve.run(build_app(args), name=f"cllm-{mode}", route_prefix=f"/{mode}")
+        urls[mode] = f"http://127.0.0.1:{port}/{mode}"
+    return urls
+
+
+def stop_servers() -> None:
+    import ray
+    from ray import serve
+
+    serve.shutdown()
+    ray.shutdown()
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        cfg = load_config(LoadConfig, sys.argv[1:] if argv is None else argv)
+    except ValueError as err:
+        sys.exit(f"error: {err}")
+    prompts = [p.prompt for p in arith.generate(64, split="test", seed=cfg.seed)]
+    if cfg.url is not None:
+        with urllib.request.urlopen(cfg.url.rstrip("/") + "/v1/models", timeout=30) as response:
+            name = json.loads(response.read())["data"][0]["id"]
+        with urllib.request.urlopen(cfg.url.rstrip("/") + "/healthz", timeout=30) as response:
+            urls, names = {json.loads(response.read())["mode"]: cfg.url.rstrip("/")}, name
+    else:
+        urls, names = start_servers(cfg), cfg.model_name
+    try:
+        rows, texts = [], {}
+        for base in urls.values():  # warm-up: first-call overheads are not the steady state
+            complete(
+                base,
+                {"model": names, "prompt": prompts[0], "max_tokens": 8},
+                cfg.stream,
+                cfg.request_timeout_s,
+            )
+        for concurrency in cfg.concurrency:
+            for mode, base in urls.items():
+                results, wall = run_load(base, cfg, names, prompts, concurrency)
+                texts[mode] = dict((p, o.text) for p, o in results)
+                rows.append({"concurrency": concurrency, "mode": mode, **summarize(results, wall)})
+                print(f"  done: concurrency {concurrency}, {mode}", file=sys.stderr, flush=True)
+        print_table(rows)
+        if len(texts) == 2:
+            a, b = texts.values()
+            same = all(a[p] == b[p] for p in a.keys() & b.keys())
+            print(f"jacobi and ar answers identical on {len(a.keys() & b.keys())} prompts: {same}")
+    except urllib.error.HTTPError as err:
+        sys.exit(f"server refused a request: {err.code} {err.read().decode(errors='replace')}")
+    finally:
+        if cfg.url is None:
+            stop_servers()
+
+
+def print_table(rows: list[dict]) -> None:
+    header = (
+        f"{'conc':>4} {'mode':>6} {'reqs':>5} {'req/s':>7} {'tok/s':>8} {'p50 s':>7} {'p99 s':>7} "
+        f"{'ttft50 s':>8} {'tok/fwd':>7}"
+    )
+    print(header)
+    for r in rows:
+        print(
+            f"{r['concurrency']:>4} {r['mode']:>6} {r['requests']:>5} {r['req_per_s']:>7.2f} "
+            f"{r['tok_per_s']:>8.1f} {r['p50_s']:>7.3f} {r['p99_s']:>7.3f} {r['ttft_p50_s']:>8.3f} "
+            f"{r['tpf']:>7.2f}"
+        )
+    by_level = {}
+    for r in rows:
+        by_level.setdefault(r["concurrency"], {})[r["mode"]] = r
+    for level, modes in by_level.items():
+        if {"jacobi", "ar"} <= modes.keys():
+            speedup = modes["jacobi"]["tok_per_s"] / modes["ar"]["tok_per_s"]
+            print(f"concurrency {level}: jacobi/ar throughput {speedup:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

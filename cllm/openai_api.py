@@ -1,0 +1,349 @@
+"""The OpenAI wire format the server speaks: request and response schemas, SSE framing, error bodies.
+
+Pure pydantic, no Ray and no model: the Serve deployment parses with `parse_request`, refuses what
+greedy Jacobi decoding cannot honour with `reject_unsupported`, and answers with the models below.
+Every failure is an `OpenAIError`, which carries its HTTP status and renders as
+`{"error": {"message", "type", "param", "code"}}` like OpenAI's own errors.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer
+
+MAX_STOP_SEQUENCES = 4
+SSE_DONE = "data: [DONE]\n\n"
+
+
+class OpenAIError(Exception):
+    """A request the server refuses, with the HTTP status and the OpenAI error fields to send back."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int = 400,
+        param: str | None = None,
+        code: str | None = None,
+        type: str | None = None,
+    ):
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.param = param
+        self.code = code
+        self.type = type or ("invalid_request_error" if status < 500 else "server_error")
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, type=self.type, param=self.param, code=self.code)
+
+
+def error_body(
+    message: str, *, type: str = "invalid_request_error", param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Requests
+
+
+class _Strict(BaseModel):
+    # An unknown field is refused, not ignored: a sampling knob we silently dropped would change the output.
+    model_config = ConfigDict(extra="forbid")
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class _GenerationRequest(_Strict):
+    """Fields shared by /v1/completions and /v1/chat/completions."""
+
+    model: str
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    n: int | None = Field(default=None, ge=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    seed: int | None = None  # greedy decoding is deterministic: any seed gives the same answer
+    user: str | None = None
+
+    def stop_sequences(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+
+class CompletionRequest(_GenerationRequest):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = Field(default=None, ge=1)
+    logprobs: int | None = None
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content or ""
+
+
+class ChatCompletionRequest(_GenerationRequest):
+    messages: list[ChatMessage]
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    response_format: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+
+    def token_limit(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def chat_messages(self) -> list[dict[str, str]]:
+        """The messages as the tokenizer's chat template wants them: role and plain-text content."""
+        return [{"role": m.role, "content": m.text()} for m in self.messages]
+
+
+R = TypeVar("R", bound=BaseModel)
+
+
+def parse_request(raw: bytes, schema: type[R]) -> R:
+    """Bytes off the wire -> a validated request; any fault becomes a 400 that names it."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise OpenAIError(f"request body is not valid UTF-8 (byte {err.start})") from None
+    if not text.strip():
+        raise OpenAIError("request body is empty; send a JSON object")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise OpenAIError(f"request body is not valid JSON: {err.msg} at line {err.lineno} col {err.colno}") from None
+    if not isinstance(data, dict):
+        raise OpenAIError(f"request body must be a JSON object, got {type(data).__name__}")
+    try:
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise OpenAIError("request holds a string that is not valid Unicode (a lone surrogate escape)") from None
+    try:
+        return schema.model_validate(data)
+    except ValidationError as err:
+        raise validation_error(err) from None
+
+
+def validation_error(err: ValidationError) -> OpenAIError:
+    """pydantic's complaints as one readable 400, naming the first offending top-level field as `param`."""
+    problems = []
+    for item in err.errors():
+        where = ".".join(str(part) for part in item["loc"]) or "body"
+        if item["type"] == "extra_forbidden":
+            problems.append(f"{where}: unknown parameter (not supported by this server)")
+        else:
+            problems.append(f"{where}: {item['msg']}")
+    loc = err.errors()[0]["loc"]
+    return OpenAIError("invalid request: " + "; ".join(problems), param=str(loc[0]) if loc else None)
+
+
+def reject_unsupported(request: _GenerationRequest) -> None:
+    """Refuse what greedy decoding cannot honour, rather than quietly answering something else.
+
+    Jacobi decoding is exact only for greedy decoding, so the server decodes greedily; a request
+    that asks for sampling or for features this server lacks gets a 400 that says so.
+    """
+
+    def refuse(param: str, message: str) -> None:
+        raise OpenAIError(message, param=param, code="unsupported_parameter")
+
+    if request.temperature not in (None, 0):
+        refuse(
+            "temperature",
+            "this server decodes greedily (exact Jacobi decoding); temperature must be 0 or omitted",
+        )
+    if request.top_p not in (None, 1):
+        refuse("top_p", "this server decodes greedily; top_p must be 1 or omitted")
+    if request.n not in (None, 1):
+        refuse("n", "greedy decoding gives one answer per prompt; n must be 1")
+    if request.presence_penalty not in (None, 0):
+        refuse("presence_penalty", "presence_penalty is not supported; it must be 0 or omitted")
+    if request.frequency_penalty not in (None, 0):
+        refuse("frequency_penalty", "frequency_penalty is not supported; it must be 0 or omitted")
+    if request.logit_bias:
+        refuse("logit_bias", "logit_bias is not supported")
+    stops = request.stop_sequences()
+    if len(stops) > MAX_STOP_SEQUENCES:
+        refuse("stop", f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed, got {len(stops)}")
+    if any(s == "" for s in stops):
+        refuse("stop", "stop sequences must not be empty strings")
+    if request.stream_options is not None and not request.stream:
+        refuse("stream_options", "stream_options is only allowed when stream is true")
+    if isinstance(request, CompletionRequest):
+        if request.echo:
+            refuse("echo", "echo is not supported")
+        if request.suffix:
+            refuse("suffix", "suffix (insertion) is not supported")
+        if request.best_of not in (None, 1):
+            refuse("best_of", "greedy decoding gives one answer per prompt; best_of must be 1")
+        if request.logprobs is not None:
+            refuse("logprobs", "logprobs are not supported")
+    if isinstance(request, ChatCompletionRequest):
+        if request.logprobs or request.top_logprobs is not None:
+            refuse("logprobs", "logprobs are not supported")
+        if request.tools or request.tool_choice not in (None, "none"):
+            refuse("tools", "tool calling is not supported")
+        if request.response_format not in (None, {"type": "text"}):
+            refuse("response_format", 'only response_format {"type": "text"} is supported')
+        if not request.messages:
+            refuse("messages", "messages must hold at least one message")
+
+
+def single_prompt(request: CompletionRequest) -> str | list[int]:
+    """The one prompt of a completion request: text or token ids (one prompt per request)."""
+    prompt = request.prompt
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+        if len(prompt) != 1:
+            raise OpenAIError(
+                f"this server takes one prompt per request, got {len(prompt)}; send them as separate "
+                "requests (they are batched on the server)",
+                param="prompt",
+            )
+        prompt = prompt[0]
+    if len(prompt) == 0:
+        raise OpenAIError("prompt is empty", param="prompt")
+    return prompt
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Responses
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class JacobiStats(BaseModel):
+    """How the answer was decoded; an extension field, ignored by OpenAI clients."""
+
+    mode: Literal["jacobi", "ar"]
+    block_size: int
+    forward_passes: int  # decoding passes this request took part in (prefill excluded)
+    tokens_per_forward: float
+    batch_size: int  # requests decoded together in the same batched call
+    decode_seconds: float
+
+
+FinishReason = Literal["stop", "length"]
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    finish_reason: FinishReason | None = None
+    logprobs: None = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+    jacobi_stats: JacobiStats | None = None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    finish_reason: FinishReason | None = None
+    logprobs: None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage | None = None
+    jacobi_stats: JacobiStats | None = None
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _only_what_changed(self, handler) -> dict[str, Any]:
+        # A delta carries only what it adds: the role once, then content.
+        return {key: value for key, value in handler(self).items() if value is not None}
+
+
+class ChatChunkChoice(BaseModel):
+    index: int = 0
+    delta: ChatDelta
+    finish_reason: FinishReason | None = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+    jacobi_stats: JacobiStats | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "cllm-ray"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def sse_event(payload: BaseModel | dict[str, Any]) -> str:
+    """One Server-Sent Event carrying a JSON payload."""
+    if isinstance(payload, BaseModel):
+        return f"data: {payload.model_dump_json()}\n\n"
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"

@@ -1,0 +1,543 @@
+"""The OpenAI-compatible Jacobi server: a real local Ray, real HTTP on 127.0.0.1, a real (tiny) model.
+
+Every answer is checked against greedy `generate` on the same model. The tiny Llama reads one token per
+UTF-8 byte, so multi-byte characters span several committed tokens and streaming must not split them.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import ray
+import requests
+import torch
+import yaml
+from ray import serve
+from test_streaming import byte_level_tokenizer
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from cllm.config import ConfigError
+from cllm.models import format_prompt, load_model
+from cllm.serve import (
+    BatchDecoder,
+    DecodeJob,
+    ServeConfig,
+    build_app,
+    default_model_path,
+    deployment_options,
+    fitting_groups,
+    left_pad,
+)
+from cllm.streaming import TextStream
+
+CONTEXT = 160
+MODEL_NAME = "tiny-bytes"
+PROMPTS = [
+    "héllo wörld",
+    "中文 text",
+    "The answer is",
+    "🎉 party",
+    "a",
+    "Once upon a time",
+    "x = 1 + 2",
+    "¿qué?",
+    "zzz",
+    "def f(x):",
+    "naïve café",
+    "0123456789",
+    "日本語",
+    "Ünïcödé",
+    "end.",
+    "hi there",
+]
+
+
+def tiny_byte_llama(seed: int = 0):
+    """A random tiny Llama over the byte-level vocabulary; a wide init keeps fp32 argmax free of near-ties."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=260,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=CONTEXT,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        initializer_range=0.3,
+    )
+    return AutoModelForCausalLM.from_config(config).float().eval()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-byte-llama")
+    tiny_byte_llama().save_pretrained(path)
+    byte_level_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def loaded(model_dir):
+    return load_model(str(model_dir), device="cpu")
+
+
+def greedy_text(loaded, text: str, max_tokens: int) -> str:
+    """The reference: `generate(do_sample=False)` on the same model, decoded like the server decodes."""
+    ids = loaded.tokenizer(text, return_tensors="pt")["input_ids"]
+    out = loaded.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_tokens)
+    return loaded.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+
+
+def chat_text(loaded, content: str) -> str:
+    return format_prompt(loaded.tokenizer, [{"role": "user", "content": content}], chat=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The batch decoder on its own (no Ray)
+
+
+def job_for(loaded, text: str, max_tokens: int, stop=()) -> DecodeJob:
+    return DecodeJob(
+        prompt_ids=loaded.tokenizer(text)["input_ids"],
+        max_tokens=max_tokens,
+        text=TextStream(loaded.tokenizer, stop),
+    )
+
+
+@pytest.mark.parametrize("mode", ["jacobi", "ar"])
+def test_batch_decoder_matches_greedy_generate(loaded, mode):
+    decoder = BatchDecoder(loaded, ServeConfig(model="unused", mode=mode, block_size=4))
+    budgets = [12, 30, 5, 21]
+    jobs = [job_for(loaded, p, n) for p, n in zip(PROMPTS, budgets, strict=False)]
+    decoder.decode(jobs)
+    for job, prompt, n in zip(jobs, PROMPTS, budgets, strict=False):
+        assert job.text.text == greedy_text(loaded, prompt, n)
+        assert job.batch_size == 4 and job.finish_reason in ("stop", "length")
+        assert 0 < job.forward_passes < len(job.tokens)
+    if mode == "ar":
+        assert all(job.tokens_per_forward == 1.0 for job in jobs)
+
+
+def test_one_failing_or_cancelled_request_leaves_its_batch_mates_intact(loaded):
+    decoder = BatchDecoder(loaded, ServeConfig(model="unused", block_size=4))
+    jobs = [job_for(loaded, p, 24) for p in PROMPTS[:4]]
+
+    def broken_client(_delta):
+        raise ConnectionError("client went away")
+
+    jobs[1].on_text = broken_client
+    jobs[2].cancelled = True
+    decoder.decode(jobs)
+    assert jobs[1].error is not None and "client went away" in jobs[1].error
+    assert jobs[2].tokens == []
+    for i in (0, 3):
+        assert jobs[i].error is None
+        assert jobs[i].text.text == greedy_text(loaded, PROMPTS[i], 24)
+
+
+def test_batches_that_would_overflow_the_context_are_split():
+    def job(prompt_len, max_tokens):
+        return DecodeJob(prompt_ids=[5] * prompt_len, max_tokens=max_tokens, text=None)
+
+    short_long, long_short, small = job(10, 140), job(140, 10), job(20, 20)
+    groups = fitting_groups([short_long, long_short, small], context=CONTEXT)
+    assert groups == [[short_long, small], [long_short]]
+    for group in groups:
+        assert max(len(j.prompt_ids) for j in group) + max(j.max_tokens for j in group) <= CONTEXT
+
+
+def test_left_pad():
+    ids, mask = left_pad([[7, 8, 9], [4]], pad_id=0)
+    assert ids.tolist() == [[7, 8, 9], [0, 0, 4]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def test_deployment_options_come_from_the_config():
+    config = ServeConfig(model="x", min_replicas=1, max_replicas=3, target_ongoing_requests=5, num_cpus=2, num_gpus=1)
+    options = deployment_options(config)
+    assert options["autoscaling_config"] == {
+        "min_replicas": 1,
+        "max_replicas": 3,
+        "target_ongoing_requests": 5,
+    }
+    assert options["ray_actor_options"] == {"num_cpus": 2, "num_gpus": 1}
+    assert options["max_ongoing_requests"] == config.max_ongoing_requests
+    auto = deployment_options(ServeConfig(model="x"))["ray_actor_options"]["num_gpus"]
+    assert auto == (1.0 if torch.cuda.is_available() else 0.0)  # Ray is not running here: this host decides
+
+
+def test_default_model_is_the_last_default_run_else_builtin(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert default_model_path() == "builtin" == ServeConfig().model
+    (tmp_path / "outputs" / "default" / "cllm").mkdir(parents=True)
+    assert default_model_path() == "builtin"  # an unfinished run: no model in it yet
+    (tmp_path / "outputs" / "default" / "cllm" / "config.json").write_text("{}")
+    assert default_model_path() == str(tmp_path / "outputs" / "default" / "cllm") == ServeConfig().model
+
+
+def test_serve_config_is_checked():
+    with pytest.raises(ConfigError, match="min_replicas"):
+        build_app({"model": "x", "min_replicas": 3, "max_replicas": 2})
+    with pytest.raises(ConfigError, match="max_ongoing_requests"):
+        build_app({"model": "x", "max_batch_size": 16, "max_ongoing_requests": 4})
+    with pytest.raises(ConfigError, match="does not exist"):
+        build_app({"model": "/no/such/model/dir"})
+    with pytest.raises(ConfigError, match="extra"):
+        build_app({"model": "x", "no_such_key": 1})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The entry points: Serve config file and pipelines/serve.py
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_config_yaml_is_a_valid_serve_config():
+    """pipelines/serve_config.yaml passes Serve's own schema and its args are a valid ServeConfig."""
+    from ray.serve.schema import ServeDeploySchema
+
+    path = Path(__file__).resolve().parents[1] / "pipelines" / "serve_config.yaml"
+    schema = ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))
+    (app,) = schema.applications
+    assert app.import_path == "cllm.serve:build_app"
+    config = ServeConfig.model_validate(app.args)
+    assert config.min_replicas <= config.max_replicas
+
+
+@pytest.mark.slow
+def test_pipeline_entry_serves_until_interrupted(model_dir, tmp_path):
+    """`python pipelines/serve.py --model DIR --port P` answers over HTTP and exits cleanly on Ctrl-C."""
+    port, root, log = free_port(), Path(__file__).resolve().parents[1], tmp_path / "serve.log"
+    command = [sys.executable, str(root / "pipelines" / "serve.py"), "--model", str(model_dir),
+               "--port", str(port), "--model-name", MODEL_NAME, "--num-cpus", "0.5"]  # fmt: skip
+    banner = f"http://127.0.0.1:{port}/v1"
+    with open(log, "w") as out:
+        process = subprocess.Popen(command, cwd=root, stdout=out, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while banner not in log.read_text() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(2.0)
+        assert banner in log.read_text(), log.read_text()[-3000:]
+        response = post(f"http://127.0.0.1:{port}", "/v1/completions",
+                        {"model": MODEL_NAME, "prompt": "hi", "max_tokens": 5})  # fmt: skip
+        assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] == 5
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=120) == 0, log.read_text()[-3000:]
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The deployed server over real HTTP
+
+
+@pytest.fixture(scope="module")
+def server(model_dir):
+    """The app on a fresh local Ray, on a free loopback port; shut down afterwards."""
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        app = build_app(
+            {
+                "model": str(model_dir),
+                "model_name": MODEL_NAME,
+                "block_size": 4,
+                "num_cpus": 0.5,
+                "max_batch_size": 16,
+                "batch_wait_timeout_s": 0.05,
+                "max_ongoing_requests": 32,
+            }
+        )
+        serve.run(app, name="cllm", route_prefix="/")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def post(url: str, path: str, payload) -> requests.Response:
+    data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+    return requests.post(url + path, data=data, headers={"Content-Type": "application/json"}, timeout=120)
+
+
+def stream_events(url: str, path: str, payload: dict) -> list:
+    """The SSE payloads of a streamed answer, parsed; the final `[DONE]` is kept as the string."""
+    with requests.post(url + path, json=payload, stream=True, timeout=120) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in response.iter_lines(decode_unicode=False) if line]
+    assert all(line.startswith(b"data: ") for line in lines)
+    payloads = [line[len(b"data: ") :].decode("utf-8") for line in lines]
+    return [p if p == "[DONE]" else json.loads(p) for p in payloads]
+
+
+def test_health_and_models(server):
+    assert requests.get(server + "/healthz", timeout=30).json()["status"] == "ok"
+    models = requests.get(server + "/v1/models", timeout=30).json()
+    assert models["object"] == "list" and [m["id"] for m in models["data"]] == [MODEL_NAME]
+
+
+def test_completion_matches_greedy_generate(server, loaded):
+    response = post(server, "/v1/completions", {"model": MODEL_NAME, "prompt": "héllo wörld", "max_tokens": 40})
+    assert response.status_code == 200
+    answer = response.json()
+    assert answer["object"] == "text_completion"
+    assert answer["choices"][0]["text"] == greedy_text(loaded, "héllo wörld", 40)
+    usage = answer["usage"]
+    assert usage["prompt_tokens"] == len("héllo wörld".encode())
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    stats = answer["jacobi_stats"]
+    assert stats["mode"] == "jacobi" and stats["block_size"] == 4
+    assert 0 < stats["forward_passes"] < usage["completion_tokens"]
+    assert stats["tokens_per_forward"] >= 1.0
+
+
+def test_default_max_tokens_fills_the_context(server, loaded):
+    prompt = "p" * (CONTEXT - 10)
+    answer = post(server, "/v1/completions", {"model": MODEL_NAME, "prompt": prompt}).json()
+    assert answer["usage"]["completion_tokens"] <= 10
+    assert answer["choices"][0]["text"] == greedy_text(loaded, prompt, 10)
+
+
+def test_streamed_completion_matches_greedy_generate(server, loaded):
+    events = stream_events(
+        server,
+        "/v1/completions",
+        {
+            "model": MODEL_NAME,
+            "prompt": "中文 text",
+            "max_tokens": 50,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
+    )
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    text = "".join(c["choices"][0]["text"] for c in chunks if c["choices"])
+    assert text == greedy_text(loaded, "中文 text", 50)
+    assert len([c for c in chunks if c["choices"] and c["choices"][0]["text"]]) > 1  # really incremental
+    closing = [c for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
+    assert len(closing) == 1 and closing[0]["jacobi_stats"]["forward_passes"] > 0
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] > 0
+
+
+def test_chat_completion_matches_greedy_generate(server, loaded):
+    messages = [{"role": "user", "content": "🎉 party"}]
+    response = post(server, "/v1/chat/completions", {"model": MODEL_NAME, "messages": messages, "max_tokens": 30})
+    assert response.status_code == 200
+    answer = response.json()
+    assert answer["object"] == "chat.completion"
+    assert answer["choices"][0]["message"]["role"] == "assistant"
+    assert answer["choices"][0]["message"]["content"] == greedy_text(loaded, chat_text(loaded, "🎉 party"), 30)
+
+
+def test_streamed_chat_matches_greedy_generate(server, loaded):
+    messages = [{"role": "user", "content": "naïve café"}]
+    events = stream_events(
+        server,
+        "/v1/chat/completions",
+        {"model": MODEL_NAME, "messages": messages, "max_tokens": 30, "stream": True},
+    )
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+    assert text == greedy_text(loaded, chat_text(loaded, "naïve café"), 30)
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+
+def test_the_openai_client_works_against_the_server(server, loaded):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0, timeout=120)
+    assert [m.id for m in client.models.list()] == [MODEL_NAME]
+    completion = client.completions.create(model=MODEL_NAME, prompt="¿qué?", max_tokens=20, temperature=0)
+    assert completion.choices[0].text == greedy_text(loaded, "¿qué?", 20)
+    assert completion.usage.completion_tokens == 20
+    stream = client.chat.completions.create(
+        model=MODEL_NAME, messages=[{"role": "user", "content": "日本語"}], max_tokens=20, stream=True
+    )
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+    assert text == greedy_text(loaded, chat_text(loaded, "日本語"), 20)
+    with pytest.raises(openai.BadRequestError, match="greedily"):
+        client.completions.create(model=MODEL_NAME, prompt="hi", max_tokens=5, temperature=0.9)
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="other", prompt="hi", max_tokens=5)
+
+
+def test_stop_sequence_ends_the_answer_before_it(server, loaded):
+    full = greedy_text(loaded, "Once upon a time", 40)
+    start = next(i for i in range(5, len(full) - 2) if "\ufffd" not in full[i : i + 2])
+    stop = full[start : start + 2]
+    expected = full[: full.index(stop)]
+    answer = post(
+        server,
+        "/v1/completions",
+        {"model": MODEL_NAME, "prompt": "Once upon a time", "max_tokens": 40, "stop": [stop]},
+    ).json()
+    assert answer["choices"][0]["text"] == expected
+    assert answer["choices"][0]["finish_reason"] == "stop"
+    events = stream_events(
+        server,
+        "/v1/completions",
+        {"model": MODEL_NAME, "prompt": "Once upon a time", "max_tokens": 40, "stop": stop, "stream": True},
+    )
+    assert "".join(c["choices"][0]["text"] for c in events[:-1]) == expected
+
+
+def test_sixteen_concurrent_requests_are_batched_and_all_correct(server, loaded):
+    budgets = [20 + 3 * i for i in range(16)]
+
+    def ask(i):
+        if i % 2:
+            return post(
+                server,
+                "/v1/completions",
+                {"model": MODEL_NAME, "prompt": PROMPTS[i], "max_tokens": budgets[i]},
+            )
+        return stream_events(
+            server,
+            "/v1/completions",
+            {"model": MODEL_NAME, "prompt": PROMPTS[i], "max_tokens": budgets[i], "stream": True},
+        )
+
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(ask, range(16)))
+    batch_sizes = []
+    for i, result in enumerate(results):
+        expected = greedy_text(loaded, PROMPTS[i], budgets[i])
+        if i % 2:
+            assert result.status_code == 200
+            assert result.json()["choices"][0]["text"] == expected
+            batch_sizes.append(result.json()["jacobi_stats"]["batch_size"])
+        else:
+            assert result[-1] == "[DONE]"
+            assert "".join(c["choices"][0]["text"] for c in result[:-1]) == expected
+    assert max(batch_sizes) > 1  # concurrent requests really shared a batched decode
+
+
+def test_a_client_that_leaves_mid_stream_does_not_disturb_its_batch_mates(server, loaded):
+    def leave_early():
+        payload = {"model": MODEL_NAME, "prompt": "zzz", "max_tokens": 140, "stream": True}
+        with requests.post(server + "/v1/completions", json=payload, stream=True, timeout=120) as response:
+            first = next(line for line in response.iter_lines() if line)
+        return first  # the connection closes here, long before 140 tokens
+
+    def stay():
+        return post(server, "/v1/completions", {"model": MODEL_NAME, "prompt": "def f(x):", "max_tokens": 60})
+
+    with ThreadPoolExecutor(2) as pool:
+        left, stayed = pool.submit(leave_early), pool.submit(stay)
+        assert left.result().startswith(b"data: ")
+        assert stayed.result().json()["choices"][0]["text"] == greedy_text(loaded, "def f(x):", 60)
+    assert post(server, "/v1/completions", {"model": MODEL_NAME, "prompt": "zzz", "max_tokens": 4}).status_code == 200
+
+
+BAD_REQUESTS = [
+    ("/v1/completions", b"{not json", 400),
+    ("/v1/completions", b"\xff\xfe\x00garbage", 400),
+    ("/v1/completions", b'{"model": "tiny-bytes", "prompt": "\xff\xfe"}', 400),
+    ("/v1/completions", b"", 400),
+    ("/v1/completions", b"[1, 2, 3]", 400),
+    ("/v1/completions", {"model": MODEL_NAME}, 400),
+    ("/v1/completions", {"prompt": "hi"}, 400),
+    ("/v1/completions", {"model": MODEL_NAME, "prompt": 42}, 400),
+    ("/v1/completions", {"model": MODEL_NAME, "prompt": "hi", "max_tokens": "lots"}, 400),
+    ("/v1/completions", {"model": MODEL_NAME, "prompt": "hi", "max_tokens": 0}, 400),
+    ("/v1/completions", {"model": MODEL_NAME, "prompt": "hi", "max_tokens": -5}, 400),
+    ("/v1/completions", {"model": MODEL_NAME, "prompt": "hi", "max_tokens": CONTEXT}, 400),
+    ("/v1/completions", {"model": MODEL_NAME, "prompt": "x" * (CONTEXT + 5), "max_tokens": 1}, 400),
+    ("/v1/completions", {"model": MODEL_NAME, "prompt": "x" * CONTEXT}, 400),
+    ("/v1/completions", {"model": "gpt-4o", "prompt": "hi"}, 404),
+    ("/v1/completions", {"model": MODEL_NAME, "prompt": ""}, 400),
+    ("/v1/completions", {"model": MODEL_NAME, "prompt": [999999]}, 400),
+    ("/v1/completions", {"model": MODEL_NAME, "prompt": "hi", "temperature": 0.8}, 400),
+    ("/v1/completions", {"model": MODEL_NAME, "prompt": "hi", "n": 2}, 400),
+    ("/v1/completions", {"model": MODEL_NAME, "prompt": "hi", "top_k": 5}, 400),
+    ("/v1/completions", b'{"model": "tiny-bytes", "prompt": "\\udc80"}', 400),
+    ("/v1/chat/completions", {"model": MODEL_NAME}, 400),
+    ("/v1/chat/completions", {"model": MODEL_NAME, "messages": []}, 400),
+    ("/v1/chat/completions", {"model": MODEL_NAME, "messages": "hello"}, 400),
+    ("/v1/chat/completions", {"model": MODEL_NAME, "messages": [{"role": "user"}], "max_tokens": 0}, 400),
+    (
+        "/v1/chat/completions",
+        {"model": MODEL_NAME, "messages": [{"role": "user", "content": "x" * CONTEXT}]},
+        400,
+    ),
+    ("/v1/chat/completions", {"model": "nope", "messages": [{"role": "user", "content": "hi"}]}, 404),
+    (
+        "/v1/chat/completions",
+        {
+            "model": MODEL_NAME,
+            "messages": [{"role": "user", "content": "hi"}],
+            "temperature": 1.0,
+            "stream": True,
+        },
+        400,
+    ),
+]
+
+
+@pytest.mark.parametrize("path, payload, status", BAD_REQUESTS)
+def test_bad_input_gets_a_4xx_and_the_server_still_answers(server, loaded, path, payload, status):
+    response = post(server, path, payload)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["message"] and error["type"] == "invalid_request_error"
+    good = post(server, "/v1/completions", {"model": MODEL_NAME, "prompt": "end.", "max_tokens": 8})
+    assert good.status_code == 200
+    assert good.json()["choices"][0]["text"] == greedy_text(loaded, "end.", 8)
+
+
+def test_unknown_route_and_method_get_openai_errors(server):
+    assert requests.get(server + "/v1/nothing", timeout=30).json()["error"]["message"]
+    response = requests.get(server + "/v1/completions", timeout=30)
+    assert response.status_code == 405 and response.json()["error"]["message"]
+
+
+def test_a_killed_replica_is_replaced(server, loaded):
+    """Runs last: kills the replica actor outright; Serve must start a new one and answer again."""
+    names = [
+        a["name"]
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a["name"].startswith("SERVE_REPLICA::cllm#JacobiServer#")
+    ]
+    assert len(names) == 1
+    ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=True)
+    expected = greedy_text(loaded, "hi there", 12)
+    deadline, answer = time.monotonic() + 180, None
+    while time.monotonic() < deadline:
+        try:
+            response = post(server, "/v1/completions", {"model": MODEL_NAME, "prompt": "hi there", "max_tokens": 12})
+            if response.status_code == 200:
+                answer = response.json()
+                break
+        except requests.RequestException:
+            pass
+        time.sleep(1.0)
+    assert answer is not None, "no replica answered within 180 s of the kill"
+    assert answer["choices"][0]["text"] == expected
+    replicas = [
+        a["name"]
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a["name"].startswith("SERVE_REPLICA::cllm#JacobiServer#")
+    ]
+    assert len(replicas) == 1 and replicas != names
