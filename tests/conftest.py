@@ -42,6 +42,26 @@ def char_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
+BYTE_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def byte_level_tokenizer() -> PreTrainedTokenizerFast:
+    """One token per UTF-8 byte (ids 0-3 are pad, bos, eos, unk): every multi-byte character spans tokens."""
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+    tokenizer.chat_template = BYTE_CHAT_TEMPLATE
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
 def tiny_config(arch: str, vocab_size: int):
     """Tiny configs; a wide init spreads the logits so fp32 argmax has no near-ties to trip on."""
     common = dict(vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=0, initializer_range=0.3)

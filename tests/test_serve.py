@@ -20,8 +20,8 @@ import ray
 import requests
 import torch
 import yaml
+from conftest import byte_level_tokenizer
 from ray import serve
-from test_streaming import byte_level_tokenizer
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from cllm.config import ConfigError

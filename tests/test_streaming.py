@@ -5,32 +5,12 @@ from __future__ import annotations
 import random
 
 import pytest
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
+from conftest import byte_level_tokenizer
 
 from cllm.streaming import REPLACEMENT, IncrementalDetokenizer, StopMatcher, TextStream
 from cllm.tokenizer import build_tokenizer, wrap_tokenizer
 
-BYTE_SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
-BYTE_CHAT_TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
 TEXT = "héllo wörld: 中文 and 🎉 ok"
-
-
-def byte_level_tokenizer() -> PreTrainedTokenizerFast:
-    """One token per UTF-8 byte (ids 0-3 are pad, bos, eos, unk): every multi-byte character spans tokens."""
-    vocab = {tok: i for i, tok in enumerate(BYTE_SPECIALS + sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    backend.decoder = decoders.ByteLevel()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
-    )
-    tokenizer.chat_template = BYTE_CHAT_TEMPLATE
-    tokenizer.padding_side = "left"
-    return tokenizer
 
 
 @pytest.fixture(scope="module")
