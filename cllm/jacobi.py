@@ -297,11 +297,16 @@ def validate_arguments(model, input_ids, attention_mask, max_new_tokens, block_s
     if max_iters is not None and (not isinstance(max_iters, int) or max_iters < 1):
         raise ValueError(f"max_iters must be None or an integer >= 1, got {max_iters!r}")
     limit = context_length(model)
-    if limit is not None and input_ids.shape[1] + max(budgets) > limit:
-        raise ValueError(
-            f"prompt length {input_ids.shape[1]} + max_new_tokens {max(budgets)} exceeds the model's "
-            f"context of {limit} tokens"
-        )
+    if limit is not None:  # positions are per row, so each row's own length counts, not the padded width
+        full = [input_ids.shape[1]] * input_ids.shape[0]
+        lengths = attention_mask.sum(-1).tolist() if attention_mask is not None else full
+        budgets = budgets * len(lengths) if isinstance(max_new_tokens, int) else budgets
+        for row, (length, budget) in enumerate(zip(lengths, budgets, strict=True)):
+            if length + budget > limit:
+                raise ValueError(
+                    f"row {row}: prompt length {length} + max_new_tokens {budget} exceeds the model's "
+                    f"context of {limit} tokens"
+                )
 
 
 @torch.inference_mode()

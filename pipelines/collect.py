@@ -1,0 +1,43 @@
+"""Collect Jacobi trajectories from a teacher with Ray Data (stage 1 of the CLLM pipeline).
+
+    python pipelines/collect.py --dataset builtin:arith --output outputs/run1/trajectories --limit 1000
+    python pipelines/collect.py --model outputs/teacher --dataset data/{split}.jsonl --output DIR \
+        --block-size 16 --max-new-tokens 256 --actors 4 --batch-size 16 --num-gpus-per-actor 1
+    python pipelines/collect.py --config collect.yaml --actors 2
+
+Keys are CollectConfig's (cllm/collect.py). Rerunning the same command after an interruption decodes
+only the prompts not yet written.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+import ray  # noqa: E402
+
+from cllm.collect import CollectConfig, CollectResult, plan_collection, run_collection  # noqa: E402
+from cllm.config import load_config  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> CollectResult:
+    try:
+        config = load_config(CollectConfig, sys.argv[1:] if argv is None else argv)
+        plan = plan_collection(config)  # bad data or model fails here, before Ray starts
+    except ValueError as err:
+        sys.exit(f"error: {err}")
+    ray.init(address=config.ray_address, include_dashboard=False)
+    try:
+        result = run_collection(config, plan)
+    except ValueError as err:
+        sys.exit(f"error: {err}")
+    finally:
+        ray.shutdown()
+    print(result.summary())
+    return result
+
+
+if __name__ == "__main__":
+    main()
