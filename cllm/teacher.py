@@ -16,8 +16,10 @@ a stale one. A file lock makes concurrent callers wait for one training run.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -31,13 +33,16 @@ from pydantic import Field
 from cllm.config import StageConfig
 from cllm.tasks import accuracy, arith
 
+log = logging.getLogger(__name__)
+
 CACHE_ENV = "CLLM_HOME"
 METADATA_FILE = "teacher.json"
-MAX_ANSWER_TOKENS = 160  # the longest built-in answer is about 105 tokens
+RECIPE_VERSION = 2  # bump when the task, the tokenizer or the training code changes the weights
+MAX_ANSWER_TOKENS = 160  # built-in answers are at most about 100 tokens
 
 
 class TeacherConfig(StageConfig):
-    """The recipe. Defaults reach >= 70% held-out accuracy in about 10 minutes on 2 CPU cores."""
+    """The recipe. Defaults: 90% held-out accuracy after about 11.5 minutes on 2 CPU cores (measured)."""
 
     seed: int = 0
     n_problems: int = Field(38400, ge=1)  # training problems: one epoch = 1200 steps of 2 x 16
@@ -59,7 +64,7 @@ class TeacherConfig(StageConfig):
 
     def cache_key(self) -> str:
         """Names the cached teacher: everything that changes the weights (not the eval settings)."""
-        recipe = self.model_dump(exclude={"eval_problems", "eval_batch_size"})
+        recipe = self.model_dump(exclude={"eval_problems", "eval_batch_size"}) | {"version": RECIPE_VERSION}
         digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
         return f"builtin-teacher-{digest}"
 
@@ -79,6 +84,7 @@ def ensure_builtin_teacher(cache_dir: str | Path | None = None, config: TeacherC
     with FileLock(str(target) + ".lock"):
         if is_complete(target):  # another process trained it while we waited
             return target
+        log.warning("training the built-in teacher into %s (once; about 10 minutes on 2 CPU cores)", target)
         with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".training-") as work:
             model_dir = train_teacher(config, Path(work))
             shutil.rmtree(target, ignore_errors=True)  # a leftover without teacher.json
@@ -111,6 +117,7 @@ def train_teacher(config: TeacherConfig, work: Path) -> Path:
         "parameters": model.num_parameters(),
     }
     (result / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
+    log.warning("built-in teacher: held-out accuracy %.3f after %.0f s of training", score, train_seconds)
     return result
 
 
@@ -186,6 +193,7 @@ def run_ar_training(config: TeacherConfig, init_dir: Path, data: Path, work: Pat
     started_ray = not ray.is_initialized()
     if started_ray:
         ray.init(address="local", num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False)
+        ray.data.DataContext.get_current().enable_progress_bars = False
     try:
         return Path(run_training(train_config).model_dir)
     finally:
@@ -219,3 +227,20 @@ def evaluate(model_dir: Path, problems: list[arith.Problem], batch_size: int) ->
     """Exact-answer accuracy of greedy decoding on `problems`."""
     predictions = generate_answers(model_dir, [p.prompt for p in problems], batch_size)
     return accuracy(predictions, [p.answer for p in problems])
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m cllm.teacher [--cache-dir DIR] [--config FILE] [--hidden-size 256 ...]`: build and print."""
+    from cllm.config import load_config
+
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--cache-dir", default=None)
+    known, rest = parser.parse_known_args(argv)
+    logging.basicConfig(level=logging.INFO)
+    path = ensure_builtin_teacher(known.cache_dir, load_config(TeacherConfig, rest))
+    print(path)
+    print((path / METADATA_FILE).read_text())
+
+
+if __name__ == "__main__":
+    main()

@@ -6,8 +6,8 @@ ends with GSM8K's `#### <number>` line. The wording around each equation repeats
 problem, so a consistency-trained model can fast-forward it; the equations' results must be computed.
 
 Operands are kept small enough for a tiny model trained for minutes on a CPU to learn: sums and
-differences of numbers below 200 and one-digit products. Train and test problems are disjoint by
-construction: a problem belongs to the split its prompt's hash falls in.
+differences of two-digit numbers and one-digit products (every count stays below 100). Train and
+test problems are disjoint by construction: a problem belongs to the split its prompt's hash falls in.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 SPLITS = ("train", "test")
 TEST_BUCKETS = 10  # one prompt hash bucket in ten is held out
-MAX_COUNT = 199  # every running total stays below this, so results have at most 3 digits
+MAX_COUNT = 99  # every running total stays at or below this: two-digit arithmetic only
 
 PEOPLE = [
     ("Mia", "she", "her"), ("Noah", "he", "his"), ("Emma", "she", "her"), ("Liam", "he", "his"),
@@ -64,7 +64,7 @@ def event_find(rng: random.Random, count: int, who: tuple, friend: str, items: s
 
 def event_give(rng: random.Random, count: int, who: tuple, friend: str, items: str):
     name, pron, _ = who
-    loss = rng.randint(1, min(49, count - 1))
+    loss = rng.randint(2, min(49, count - 1))
     question = f"{pron.capitalize()} gives {loss} {items} to {friend}."
     new = count - loss
     step = f"{name} gives away {loss}, so {pron} has {count} - {loss} = {new} {items}."
@@ -73,9 +73,9 @@ def event_give(rng: random.Random, count: int, who: tuple, friend: str, items: s
 
 def event_buy(rng: random.Random, count: int, who: tuple, friend: str, items: str):
     name, pron, _ = who
-    packs, per_pack = rng.randint(2, 9), rng.randint(2, 9)
-    while count + packs * per_pack > MAX_COUNT:
-        packs, per_pack = rng.randint(2, 9), rng.randint(2, 9)
+    room = MAX_COUNT - count
+    packs = rng.choice([n for n in range(2, 10) if room // n >= 2])
+    per_pack = rng.randint(2, min(9, room // packs))
     container = rng.choice(CONTAINERS)
     bought = packs * per_pack
     new = count + bought
@@ -91,7 +91,7 @@ def possible_events(count: int) -> list:
     events = []
     if count <= MAX_COUNT - 2:
         events.append(event_find)
-    if count >= 2:
+    if count >= 3:
         events.append(event_give)
     if count <= MAX_COUNT - 4:
         events.append(event_buy)
@@ -103,7 +103,7 @@ def sample_problem(rng: random.Random) -> Problem:
     who = rng.choice(PEOPLE)
     friend = rng.choice([p[0] for p in PEOPLE if p != who])
     items = rng.choice(ITEMS)
-    count = rng.randint(5, 60)
+    count = rng.randint(5, 50)
     sentences = [f"{who[0]} has {count} {items}."]
     steps = []
     for _ in range(rng.randint(2, 3)):
