@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from cllm.jacobi import ar_generate, jacobi_generate
-from cllm.models import LoadedModel, format_prompt
+from cllm.models import LoadedModel, context_length, format_prompt
 
 METHODS = ("hf_greedy", "ar", "jacobi", "jacobi_ngram", "hf_prompt_lookup")
 BASELINE = "hf_greedy"
@@ -32,6 +32,7 @@ class MethodResult:
     new_tokens: int = 0
     decode_tokens: int = 0  # tokens after the first of each prompt (the first comes from prefill)
     decode_forwards: int = 0  # forward passes after prefill
+    too_long: int = 0  # prompts that leave no room in the model's context, not decoded
     seconds: float = 0.0
     exact: int = 0  # prompts whose output equals greedy AR token for token
     accuracy: float | None = None
@@ -65,22 +66,21 @@ def count_forwards(model):
         handle.remove()
 
 
-def decoders(loaded: LoadedModel, *, block_size: int, max_new_tokens: int, lookup_tokens: int) -> dict[str, Callable]:
-    """Each method as `fn(input_ids) -> (new token ids, commit histogram or None)` at batch size 1."""
+def decoders(loaded: LoadedModel, *, block_size: int, lookup_tokens: int) -> dict[str, Callable]:
+    """Each method as `fn(input_ids, max_new_tokens) -> (new token ids, commit histogram or None)`, batch 1."""
     model, tokenizer = loaded.model, loaded.tokenizer
-    eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id
-    common = dict(max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad)
+    common = dict(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
 
     def hf(**extra):
-        def run(ids):
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, **common, **extra)
+        def run(ids, budget):
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=budget,
+                                 **common, **extra)
             return out[0, ids.shape[1]:].tolist(), None
         return run
 
     def ours(fn, **extra):
-        def run(ids):
-            out = fn(model, ids, **common, **extra)
+        def run(ids, budget):
+            out = fn(model, ids, max_new_tokens=budget, **common, **extra)
             return out.sequences[0, ids.shape[1]:].tolist(), out.commit_histogram
         return run
 
@@ -110,7 +110,12 @@ def evaluate_model(
     chat: bool = False,
     accuracy_fn: Callable[[list[str], list], float] | None = None,
 ) -> list[MethodResult]:
-    """Decode every prompt with every method; return one result per method."""
+    """Decode every prompt with every method; return one result per method.
+
+    Each prompt gets `max_new_tokens` or what is left of the model's context, whichever is less; a
+    prompt that fills the context is not decoded and is counted in `too_long` (and fails the run
+    when no prompt fits).
+    """
     unknown = set(methods) - set(METHODS)
     if unknown:
         raise ValueError(f"unknown evaluation methods {sorted(unknown)}: choose from {METHODS}")
@@ -118,7 +123,7 @@ def evaluate_model(
         raise ValueError("no prompts to evaluate")
     methods = tuple(dict.fromkeys((BASELINE, *methods)))  # exactness is judged against greedy AR
     tokenizer = loaded.tokenizer
-    run = decoders(loaded, block_size=block_size, max_new_tokens=max_new_tokens, lookup_tokens=lookup_tokens)
+    run = decoders(loaded, block_size=block_size, lookup_tokens=lookup_tokens)
     results = {m: MethodResult(model=label or loaded.name, method=m) for m in methods}
     texts: dict[str, list[str]] = {m: [] for m in methods}
     histograms = {m: Counter() for m in methods}
@@ -126,14 +131,21 @@ def evaluate_model(
         tokenizer(format_prompt(tokenizer, p, chat=chat), return_tensors="pt")["input_ids"].to(loaded.device)
         for p in prompts
     ]
+    context = context_length(loaded.model)
+    budgets = [max_new_tokens if context is None else min(max_new_tokens, context - ids.shape[1]) for ids in encoded]
+    too_long = sum(budget < 1 for budget in budgets)
+    if too_long == len(encoded):
+        raise ValueError(f"every prompt fills the model's context of {context} tokens: nothing to evaluate")
+    encoded, budgets = zip(*[(ids, budget) for ids, budget in zip(encoded, budgets, strict=True) if budget >= 1],
+                           strict=True)
     for method in methods:  # warm-up: first calls pay for allocation and lazy initialisation
-        run[method](encoded[0])
-    for ids in encoded:
+        run[method](encoded[0], budgets[0])
+    for ids, budget in zip(encoded, budgets, strict=True):
         reference = None
         for method in methods:
             with count_forwards(loaded.model) as calls:
                 start = time.perf_counter()
-                tokens, histogram = run[method](ids)
+                tokens, histogram = run[method](ids, budget)
                 seconds = time.perf_counter() - start
             tokens = strip_after_eos(tokens, tokenizer.eos_token_id)
             reference = tokens if method == BASELINE else reference
@@ -148,6 +160,7 @@ def evaluate_model(
             texts[method].append(tokenizer.decode(tokens, skip_special_tokens=True))
     baseline_tps = results[BASELINE].tokens_per_second
     for method, result in results.items():
+        result.too_long = too_long
         result.speedup = result.tokens_per_second / baseline_tps if baseline_tps else None
         result.commit_histogram = dict(sorted(histograms[method].items()))
         if answers is not None and accuracy_fn is not None:
@@ -223,7 +236,9 @@ def write_report(results: list[MethodResult], directory: str | Path, settings: d
     directory.mkdir(parents=True, exist_ok=True)
     report = {"settings": settings or {}, "results": [r.to_dict() for r in results]}
     (directory / "report.json").write_text(json.dumps(report, indent=2))
-    (directory / "report.md").write_text("# CLLM evaluation\n\n" + markdown_table(results) + "\n")
+    notes = "".join(f"\n{r.model}: {r.too_long} prompt(s) fill the model's context and were not decoded.\n"
+                    for r in results if r.method == BASELINE and r.too_long)
+    (directory / "report.md").write_text("# CLLM evaluation\n\n" + markdown_table(results) + "\n" + notes)
     paths = {"json": directory / "report.json", "markdown": directory / "report.md"}
     for path in plot_report(results, directory):
         paths[path.stem] = path

@@ -28,7 +28,7 @@ class Section(BaseModel):
 
 class CollectSection(Section):
     split: str = "train"
-    limit: int | None = Field(3000, ge=1)  # prompts to collect trajectories for; None = all
+    limit: int | None = Field(2000, ge=1)  # prompts to collect trajectories for; None = all
     actors: int = Field(2, ge=1)
     batch_size: int = Field(16, ge=1)
     num_gpus_per_actor: float | None = Field(None, ge=0)  # None: 1 when use_gpu
@@ -46,7 +46,7 @@ class TrainSection(Section):
     max_steps: int | None = Field(None, ge=1)
     consistency: Literal["global", "local"] = "global"
     ar_weight: float = Field(10.0, ge=0)
-    ar_source: Literal["teacher", "labels"] = "teacher"
+    ar_source: Literal["teacher", "labels"] = "labels"  # ground truth where the dataset has it, else teacher
     checkpoint_every: int = Field(100, ge=1)
 
 

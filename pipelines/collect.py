@@ -12,14 +12,12 @@ only the prompts not yet written.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+import checkout  # noqa: F401  (cllm importable here and in Ray workers, without installing)
+import ray
 
-import ray  # noqa: E402
-
-from cllm.collect import CollectConfig, CollectResult, plan_collection, run_collection  # noqa: E402
-from cllm.config import load_config  # noqa: E402
+from cllm.collect import CollectConfig, CollectResult, plan_collection, run_collection
+from cllm.config import load_config
 
 
 def main(argv: list[str] | None = None) -> CollectResult:

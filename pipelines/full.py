@@ -8,12 +8,11 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+import checkout  # noqa: F401  (cllm importable here and in Ray workers, without installing)
 
-from cllm.config import load_config  # noqa: E402
-from cllm.pipeline import PipelineConfig, run_pipeline  # noqa: E402
+from cllm.config import load_config
+from cllm.pipeline import PipelineConfig, run_pipeline
 
 if __name__ == "__main__":
     run_pipeline(load_config(PipelineConfig, sys.argv[1:]))

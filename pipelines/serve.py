@@ -14,16 +14,14 @@ from __future__ import annotations
 import signal
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+import checkout  # noqa: F401  (cllm importable here and in Ray workers, without installing)
+import ray
+from ray import serve
 
-import ray  # noqa: E402
-from ray import serve  # noqa: E402
-
-from cllm.config import load_config  # noqa: E402
-from cllm.models import resolve_model_path  # noqa: E402
-from cllm.serve import ServeConfig, build_app, checked_config  # noqa: E402
+from cllm.config import load_config
+from cllm.models import resolve_model_path
+from cllm.serve import ServeConfig, build_app, checked_config
 
 
 def resolve_model(config: ServeConfig) -> ServeConfig:

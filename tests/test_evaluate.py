@@ -57,6 +57,20 @@ def test_report_files(results, tmp_path):
         assert paths[name].read_bytes()[:4] == b"\x89PNG"
 
 
+def test_budget_is_cut_to_the_context(llama_model, tokenizer, monkeypatch):
+    """A prompt near the end of the context gets the room left; one that fills it is counted, not decoded."""
+    loaded = LoadedModel(llama_model, tokenizer, "tiny")
+    short, long = "abc", "x" * 40
+    room = 6
+    monkeypatch.setattr(llama_model.config, "max_position_embeddings", len(tokenizer(short)["input_ids"]) + room)
+    results = evaluate_model(loaded, [short, long], methods=("ar", "jacobi"), block_size=4, max_new_tokens=20)
+    for r in results:
+        assert r.prompts == 1 and r.too_long == 1 and r.exact == 1, r.method
+        assert r.new_tokens <= room
+    with pytest.raises(ValueError, match="fills the model's context"):
+        evaluate_model(loaded, [long], methods=("ar",), max_new_tokens=20)
+
+
 def test_unknown_method_is_rejected(llama_model, tokenizer):
     with pytest.raises(ValueError, match="unknown evaluation methods"):
         evaluate_model(LoadedModel(llama_model, tokenizer, "tiny"), PROMPTS, methods=("beam",))
