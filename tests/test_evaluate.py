@@ -33,7 +33,9 @@ def test_every_method_is_measured_and_exact(results):
         assert r.seconds > 0 and r.accuracy == 0.0
     assert by_method["hf_greedy"].tokens_per_forward == 1.0
     assert by_method["ar"].tokens_per_forward == 1.0
-    assert by_method["hf_greedy"].speedup == 1.0
+    assert by_method["hf_greedy"].speedup == 1.0 and by_method["ar"].speedup_vs_ar == 1.0
+    for r in results:  # both ratios come from the same measured tokens/s
+        assert r.speedup_vs_ar == pytest.approx(r.tokens_per_second / by_method["ar"].tokens_per_second)
     # our counters and the forward hook agree: the Jacobi histogram covers every decoding pass
     jacobi = by_method["jacobi"]
     assert sum(jacobi.commit_histogram.values()) == jacobi.decode_forwards

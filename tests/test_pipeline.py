@@ -85,6 +85,19 @@ def test_bad_config_fails_at_start_naming_the_key(tmp_path):
         load_config(PipelineConfig, ["--config", str(tmp_path / "missing.yaml")])
 
 
+def test_training_recipe_follows_the_model(tmp_path):
+    """Unset lr / ar_weight take the built-in teacher's recipe or the paper's; a value given is kept."""
+    from cllm.pipeline import RECIPES, train_config
+
+    builtin = train_config(load_config(PipelineConfig, [], output_dir=str(tmp_path)), "teacher-dir")
+    assert (builtin.lr, builtin.ar_weight) == (RECIPES["builtin"]["lr"], RECIPES["builtin"]["ar_weight"])
+    real = load_config(PipelineConfig, ["--model", "Qwen/Qwen2.5-0.5B", "--train.ar-weight", "3"],
+                       output_dir=str(tmp_path))
+    real = train_config(real, "Qwen/Qwen2.5-0.5B")
+    assert (real.lr, real.ar_weight) == (RECIPES["model"]["lr"], 3.0)
+    assert RECIPES["model"] != RECIPES["builtin"]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
