@@ -9,6 +9,7 @@ worker is retried from it (`max_failures`).
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import random
@@ -33,6 +34,8 @@ from cllm.config import StageConfig
 from cllm.data import check_columns, collate_ar, collate_consistency
 from cllm.losses import LossParts, ar_objective, cllm_loss
 from cllm.models import ModelLoadError, context_length, load_model, resolve_model_path
+
+log = logging.getLogger(__name__)
 
 # Test hook: rank 0 raises once when it reaches this step (the retry must resume from a checkpoint).
 FAIL_ONCE_ENV = "CLLM_TRAIN_FAIL_ONCE_AT_STEP"
@@ -483,11 +486,8 @@ def train_loop(loop_config: dict) -> None:
         meter.add(parts)
         maybe_fail(engine.step, rank, loop_config)
         if rank == 0 and engine.step % config.log_every == 0:
-            print(
-                f"step {engine.step}/{plan.total_steps} loss {parts.total.item():.4f} "
-                f"consistency {parts.consistency.item():.4f} ar {parts.ar.item():.4f}",
-                flush=True,
-            )
+            log.info("step %d/%d loss %.4f consistency %.4f ar %.4f", engine.step, plan.total_steps,
+                     parts.total.item(), parts.consistency.item(), parts.ar.item())
         if engine.step % config.checkpoint_every == 0 and engine.step < plan.total_steps:
             report(engine, loaded.tokenizer, rank, metrics(), export=False)
     report(engine, loaded.tokenizer, rank, metrics(), export=True)
