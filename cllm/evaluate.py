@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from cllm.jacobi import ar_generate, jacobi_generate
-from cllm.models import LoadedModel, context_length, format_prompt
+from cllm.models import LoadedModel, context_length, format_prompt, response_budget
 
 METHODS = ("hf_greedy", "ar", "jacobi", "jacobi_ngram", "hf_prompt_lookup")
 BASELINE = "hf_greedy"
@@ -133,12 +133,12 @@ def evaluate_model(
         for p in prompts
     ]
     context = context_length(loaded.model)
-    budgets = [max_new_tokens if context is None else min(max_new_tokens, context - ids.shape[1]) for ids in encoded]
-    too_long = sum(budget < 1 for budget in budgets)
-    if too_long == len(encoded):
+    fitting = [ids for ids in encoded if context is None or ids.shape[1] < context]
+    too_long = len(encoded) - len(fitting)
+    if not fitting:
         raise ValueError(f"every prompt fills the model's context of {context} tokens: nothing to evaluate")
-    encoded, budgets = zip(*[(ids, budget) for ids, budget in zip(encoded, budgets, strict=True) if budget >= 1],
-                           strict=True)
+    encoded = fitting
+    budgets = [response_budget(max_new_tokens, context, [ids.shape[1]]) for ids in encoded]
     for method in methods:  # warm-up: first calls pay for allocation and lazy initialisation
         run[method](encoded[0], budgets[0])
     for ids, budget in zip(encoded, budgets, strict=True):

@@ -6,6 +6,7 @@ so every stage loads it through the same `from_pretrained` path as a hub model.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,6 +71,13 @@ def context_length(model: PreTrainedModel) -> int | None:
         if isinstance(value, int) and value > 0:
             return value
     return None
+
+
+def response_budget(max_new_tokens: int, context: int | None, prompt_lengths: Sequence[int]) -> int:
+    """New tokens for a batch: max_new_tokens, cut so the longest prompt's response ends within the context."""
+    if context is None:
+        return max_new_tokens
+    return max(1, min(max_new_tokens, context - max(prompt_lengths)))
 
 
 def load_tokenizer(name_or_path: str):

@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 import torch
 
 from cllm.jacobi import jacobi_generate
-from cllm.models import format_prompt
+from cllm.models import format_prompt, response_budget
 
 TOKENS = pa.list_(pa.int32())
 TRAJECTORY_SCHEMA = pa.schema(
@@ -103,13 +103,6 @@ def plan_batches(prompts: Sequence[dict], batch_size: int) -> list[dict]:
         {"batch_id": start // batch_size, "prompts": ordered[start : start + batch_size]}
         for start in range(0, len(ordered), batch_size)
     ]
-
-
-def response_budget(max_new_tokens: int, context: int | None, prompt_lengths: Sequence[int]) -> int:
-    """New tokens for a batch: max_new_tokens, cut so the longest prompt's response ends within the context."""
-    if context is None:
-        return max_new_tokens
-    return max(1, min(max_new_tokens, context - max(prompt_lengths)))
 
 
 # ----- decoding one batch (inside an actor) -----
