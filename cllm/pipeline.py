@@ -49,6 +49,7 @@ class TrainSection(Section):
     consistency: Literal["global", "local"] = "global"
     ar_weight: float | None = Field(None, ge=0)
     ar_source: Literal["teacher", "labels"] = "labels"  # ground truth where the dataset has it, else teacher
+    ordered_feed: bool = True  # reproducible feed (cllm/feed.py); off streams records as the files hold them
     checkpoint_every: int = Field(100, ge=1)
 
 

@@ -32,6 +32,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, get_cosine_schedule_w
 
 from cllm.config import StageConfig
 from cllm.data import check_columns, collate_ar, collate_consistency
+from cllm.feed import ordered_feed
 from cllm.losses import LossParts, ar_objective, cllm_loss
 from cllm.models import ModelLoadError, context_length, load_model, resolve_model_path
 
@@ -76,6 +77,7 @@ class TrainConfig(StageConfig):
     epochs: int = Field(1, ge=1)
     max_steps: int | None = Field(None, ge=1)  # overrides epochs
     shuffle_buffer: int = Field(256, ge=0)  # Ray Data local shuffle; 0 keeps file order
+    ordered_feed: bool = True  # same records to the same worker in the same order every run (reproducible)
     checkpoint_every: int = Field(100, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     max_failures: int = Field(1, ge=-1)
@@ -151,12 +153,16 @@ def plan_steps(records: int, config: TrainConfig) -> StepPlan:
 
 def run_training(config: TrainConfig) -> TrainResult:
     """Train, then save the final model to `config.output_dir` (loadable by `cllm.models.load_model`)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.data import ExecutionOptions
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     dataset = read_records(config)  # bad data fails before any model is built
     model_path = check_model(resolve_model_path(config.model))  # builds the built-in teacher once, here
-    plan = plan_steps(dataset.count(), config)
+    records = dataset.count()
+    plan = plan_steps(records, config)
+    if config.ordered_feed:
+        dataset = ordered_feed(dataset, records, config.seed)
     fail_marker = Path(tempfile.gettempdir()) / f"cllm-injected-failure-{uuid.uuid4().hex}"
     loop_config = {
         "config": config.model_dump(),
@@ -179,6 +185,8 @@ def run_training(config: TrainConfig) -> TrainResult:
             failure_config=FailureConfig(max_failures=config.max_failures),
         ),
         datasets={"train": dataset},
+        # Ray Data otherwise hands each block to whichever worker asks first: a different split every run.
+        dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=config.ordered_feed)),
     )
     started = time.perf_counter()
     try:
@@ -461,6 +469,7 @@ def train_loop(loop_config: dict) -> None:
     tokens = special_tokens(loaded, config)
     start_step = engine.step
     meter, started, epoch = LossMeter(device), time.perf_counter(), start_step // plan.steps_per_epoch
+    last_log = started
 
     def metrics() -> dict:
         return meter.pop() | {
@@ -486,8 +495,10 @@ def train_loop(loop_config: dict) -> None:
         meter.add(parts)
         maybe_fail(engine.step, rank, loop_config)
         if rank == 0 and engine.step % config.log_every == 0:
-            log.info("step %d/%d loss %.4f consistency %.4f ar %.4f", engine.step, plan.total_steps,
-                     parts.total.item(), parts.consistency.item(), parts.ar.item())
+            now = time.perf_counter()
+            log.info("step %d/%d loss %.4f consistency %.4f ar %.4f (%.2f s/step)", engine.step, plan.total_steps,
+                     parts.total.item(), parts.consistency.item(), parts.ar.item(), (now - last_log) / config.log_every)
+            last_log = now
         if engine.step % config.checkpoint_every == 0 and engine.step < plan.total_steps:
             report(engine, loaded.tokenizer, rank, metrics(), export=False)
     report(engine, loaded.tokenizer, rank, metrics(), export=True)

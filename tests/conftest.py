@@ -104,3 +104,13 @@ def tiny_model_dir(tmp_path_factory):
     tiny_model("llama").save_pretrained(path)
     char_tokenizer().save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A fresh two-CPU local Ray for one test module; yields its GCS address for `ray.init(address=...)`."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()

@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import pytest
-import ray
 import torch
 import yaml
 from filelock import FileLock
@@ -39,19 +38,12 @@ REPO = Path(__file__).resolve().parents[1]
 SETTINGS = dict(dataset="builtin:arith", limit=16, batch_size=2, block_size=8, max_new_tokens=40, actors=2)
 
 
-@pytest.fixture(scope="module")
-def ray_address():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
-
-
 def collect_config(model_dir, output, **overrides) -> CollectConfig:
     return CollectConfig(**{**SETTINGS, "model": str(model_dir), "output": str(output), **overrides})
 
 
 @pytest.fixture(scope="module")
-def collected(ray_address, tiny_model_dir, tmp_path_factory):
+def collected(local_ray, tiny_model_dir, tmp_path_factory):
     """One uninterrupted run: its config, result and rows."""
     config = collect_config(tiny_model_dir, tmp_path_factory.mktemp("collect") / "trajectories")
     result = run_collection(config)
@@ -138,13 +130,13 @@ def wait_until_quiet(output: Path, seconds: float = 3.0) -> None:
         time.sleep(seconds)
 
 
-def test_killed_run_resumes_to_exactly_the_rows_of_an_uninterrupted_run(collected, ray_address, tmp_path):
+def test_killed_run_resumes_to_exactly_the_rows_of_an_uninterrupted_run(collected, local_ray, tmp_path):
     reference, _, rows = collected
     output = tmp_path / "trajectories"
     config = reference.model_copy(update={"output": str(output)})
     args = [f"--{key.replace('_', '-')}={value}" for key, value in SETTINGS.items()]
     with open(tmp_path / "log.txt", "w") as log:
-        proc = cli(*args, f"--model={config.model}", f"--output={output}", f"--ray-address={ray_address}",
+        proc = cli(*args, f"--model={config.model}", f"--output={output}", f"--ray-address={local_ray}",
                    stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 240
         while proc.poll() is None and not data_files(output) and time.monotonic() < deadline:

@@ -96,6 +96,9 @@ def test_training_recipe_follows_the_model(tmp_path):
     real = train_config(real, "Qwen/Qwen2.5-0.5B")
     assert (real.lr, real.ar_weight) == (RECIPES["model"]["lr"], 3.0)
     assert RECIPES["model"] != RECIPES["builtin"]
+    assert builtin.ordered_feed and real.ordered_feed  # on unless the command line turns it off
+    streamed = load_config(PipelineConfig, ["--no-train.ordered-feed"], output_dir=str(tmp_path))
+    assert not train_config(streamed, "teacher-dir").ordered_feed
 
 
 def free_port() -> int:

@@ -11,7 +11,6 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import ray
 import torch
 from safetensors.torch import load_file
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
@@ -98,13 +97,6 @@ def write_ar_records(path: Path, n: int = 16) -> Path:
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
 
@@ -133,7 +125,7 @@ def checkpoints(config: TrainConfig) -> list[Path]:
 
 
 @pytest.mark.slow
-def test_ddp_consistency_training_checkpoints_and_resumes(ray_cluster, tiny_model, tmp_path):
+def test_ddp_consistency_training_checkpoints_and_resumes(local_ray, tiny_model, tmp_path):
     data = write_trajectories(tmp_path / "traj.parquet")
     config = config_for(tmp_path, tiny_model, data, max_steps=2, shuffle_buffer=8)
     first = run_training(config)
@@ -154,7 +146,26 @@ def test_ddp_consistency_training_checkpoints_and_resumes(ray_cluster, tiny_mode
 
 
 @pytest.mark.slow
-def test_worker_failure_is_retried_from_the_last_checkpoint(ray_cluster, tiny_model, tmp_path, monkeypatch):
+def test_training_is_reproducible_whatever_files_hold_the_records(local_ray, tiny_model, tmp_path):
+    """Collection writes files in the order its actors finish; the trained weights must not depend on it."""
+    table = pq.read_table(write_trajectories(tmp_path / "traj.parquet", n_prompts=24))
+    scattered = tmp_path / "scattered"
+    scattered.mkdir()
+    rows = list(range(table.num_rows))
+    random.Random(3).shuffle(rows)
+    for i, start in enumerate(range(0, len(rows), 7)):  # other files, other row order
+        pq.write_table(table.take(rows[start : start + 7]), scattered / f"part-{i}.parquet")
+
+    def train(data: Path, name: str) -> dict[str, torch.Tensor]:
+        config = config_for(tmp_path / name, tiny_model, data, max_steps=3, shuffle_buffer=8, checkpoint_every=10)
+        return weights(run_training(config).model_dir)
+
+    one_file, many_files = train(tmp_path / "traj.parquet", "a"), train(scattered, "b")
+    assert all(torch.equal(one_file[k], many_files[k]) for k in one_file)
+
+
+@pytest.mark.slow
+def test_worker_failure_is_retried_from_the_last_checkpoint(local_ray, tiny_model, tmp_path, monkeypatch):
     data = write_ar_records(tmp_path / "ar.parquet")
     config = config_for(tmp_path, tiny_model, data, objective="ar", max_steps=3, max_failures=1)
     monkeypatch.setenv(FAIL_ONCE_ENV, "2")  # rank 0 crashes after step 2, before its checkpoint
@@ -165,7 +176,7 @@ def test_worker_failure_is_retried_from_the_last_checkpoint(ray_cluster, tiny_mo
 
 
 @pytest.mark.slow
-def test_deepspeed_zero3_bf16_on_cpu_resumes(ray_cluster, tiny_model, tmp_path):
+def test_deepspeed_zero3_bf16_on_cpu_resumes(local_ray, tiny_model, tmp_path):
     data = write_trajectories(tmp_path / "traj.parquet")
     config = config_for(
         tmp_path,
@@ -188,7 +199,7 @@ def test_deepspeed_zero3_bf16_on_cpu_resumes(ray_cluster, tiny_model, tmp_path):
     assert resumed.metrics["start_step"] == 2 and resumed.metrics["step"] == 3
 
 
-def test_bad_data_is_a_clear_error(ray_cluster, tiny_model, tmp_path):
+def test_bad_data_is_a_clear_error(local_ray, tiny_model, tmp_path):
     with pytest.raises(ValueError, match="not found"):
         run_training(config_for(tmp_path, tiny_model, tmp_path / "missing.parquet"))
     ar_data = write_ar_records(tmp_path / "ar.parquet")
@@ -201,7 +212,7 @@ def test_bad_data_is_a_clear_error(ray_cluster, tiny_model, tmp_path):
 
 
 @pytest.mark.slow
-def test_malformed_record_in_a_worker_is_a_value_error(ray_cluster, tiny_model, tmp_path):
+def test_malformed_record_in_a_worker_is_a_value_error(local_ray, tiny_model, tmp_path):
     data = tmp_path / "bad.parquet"
     good = pq.read_table(write_trajectories(tmp_path / "traj.parquet")).to_pylist()
     for row in good:

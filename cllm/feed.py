@@ -1,0 +1,39 @@
+"""The order in which training records reach the workers: a function of the records and a seed only.
+
+Kept apart from `cllm.train` so the Ray Data tasks that compute it import pyarrow, not torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import pyarrow as pa
+import ray.data
+
+FEED_BLOCK_ROWS = 256  # rows per block of the ordered feed, on average: the unit Ray Data hands a worker
+
+
+def add_order_key(table: pa.Table, seed: int) -> pa.Table:
+    """A seeded 64-bit hash of each whole row: a shuffle fixed by what the records are, not where they lie."""
+    keys = [
+        int.from_bytes(hashlib.blake2b(repr((seed, sorted(row.items()))).encode(), digest_size=8).digest(),
+                       "big", signed=True)
+        for row in table.to_pylist()
+    ]
+    return table.append_column("order_key", pa.array(keys, pa.int64()))
+
+
+def ordered_feed(dataset: ray.data.Dataset, records: int, seed: int) -> ray.data.Dataset:
+    """The same rows in the same blocks whatever files a collection wrote them to (resumed runs included).
+
+    Collection writes files in the order its actors finish, so file order, batches and the DDP split
+    would change from run to run. Sorting by a content hash, cut at fixed hash values (the hash is
+    uniform, so blocks come out about equal), makes the feed a function of the records and the seed;
+    `preserve_order` then sends each block to the same worker every run.
+    """
+    blocks = max(1, math.ceil(records / FEED_BLOCK_ROWS))
+    boundaries = [-(2**63) + (i * 2**64) // blocks for i in range(1, blocks)]
+    keyed = dataset.map_batches(add_order_key, fn_kwargs={"seed": seed}, batch_format="pyarrow")
+    # Materialized once here rather than sorted again for every epoch.
+    return keyed.sort("order_key", boundaries=boundaries).drop_columns(["order_key"]).materialize()
