@@ -32,7 +32,8 @@ def ordered_feed(dataset: ray.data.Dataset, records: int, seed: int) -> ray.data
     uniform, so blocks come out about equal), makes the feed a function of the records and the seed;
     `preserve_order` then sends each block to the same worker every run.
     """
-    blocks = max(1, math.ceil(records / FEED_BLOCK_ROWS))
+    # At least one boundary: given none, Ray samples its own from the input blocks, which differ by file.
+    blocks = max(2, math.ceil(records / FEED_BLOCK_ROWS))
     boundaries = [-(2**63) + (i * 2**64) // blocks for i in range(1, blocks)]
     keyed = dataset.map_batches(add_order_key, fn_kwargs={"seed": seed}, batch_format="pyarrow")
     # Materialized once here rather than sorted again for every epoch.

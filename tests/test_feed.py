@@ -49,5 +49,11 @@ def test_same_blocks_whatever_the_files(local_ray, tmp_path):
     assert sorted(flat) == sorted((r["prompt_id"], r["block_idx"]) for r in rows)  # nothing lost or doubled
     assert flat != [(r["prompt_id"], r["block_idx"]) for r in rows]  # shuffled, not file order
 
+    few = records(FEED_BLOCK_ROWS // 4)  # fewer rows than a block: still cut at fixed keys, not sampled ones
+    few_files = ray.data.read_parquet(write_files(tmp_path / "few", few[::-1], per_file=7))
+    assert blocks(ordered_feed(few_files, len(few), seed=0)) == blocks(
+        ordered_feed(ray.data.from_items(few), len(few), seed=0)
+    )
+
     reseeded = [key for block in blocks(ordered_feed(one_file, len(rows), seed=1)) for key in block]
     assert reseeded != flat and sorted(reseeded) == sorted(flat)
