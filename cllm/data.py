@@ -46,6 +46,13 @@ def check_trajectory(record: dict) -> None:
             raise ValueError(f"{record_name(record)} has a state shorter than its fixed point")
 
 
+def record_length(record: dict) -> int:
+    """Tokens the record's consistency (or AR) example spans: what its batch pads to."""
+    if "prefix_ids" in record:
+        return len(record["prefix_ids"] or ()) + len(record["fixed_point"] or ())
+    return len(record.get("prompt_ids") or ()) + len(record.get("target_ids") or ())
+
+
 # ----- examples: one record -> token lists -----
 
 

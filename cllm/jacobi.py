@@ -29,7 +29,7 @@ import torch
 from transformers import DynamicCache
 
 from cllm.guesses import GUESS_STRATEGIES, NgramPool, initial_guess
-from cllm.models import context_length
+from cllm.models import cache_keyword, context_length
 
 
 @dataclass
@@ -102,7 +102,7 @@ def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tup
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids,
-        past_key_values=cache,
+        **{cache_keyword(type(model)): cache},
         use_cache=True,
         logits_to_keep=1,
     ).logits
@@ -129,7 +129,7 @@ def jacobi_forward(
         input_ids=tokens.to(device),
         attention_mask=torch.cat([cache_mask, window_mask], dim=1),
         position_ids=position_ids.to(device),
-        past_key_values=cache,
+        **{cache_keyword(type(model)): cache},
         use_cache=True,
     ).logits
     return logits.argmax(-1).tolist()

@@ -6,6 +6,8 @@ so every stage loads it through the same `from_pretrained` path as a hub model.
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,6 +73,14 @@ def context_length(model: PreTrainedModel) -> int | None:
         if isinstance(value, int) and value > 0:
             return value
     return None
+
+
+@functools.cache
+def cache_keyword(model_class: type) -> str:
+    """The forward() keyword that takes a KV cache: transformers 5.24 renamed `past_key_values` to
+    `cache` (the old name warns, and goes in 5.40); older releases and some models know only the old."""
+    parameters = inspect.signature(model_class.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
 
 
 def response_budget(max_new_tokens: int, context: int | None, prompt_lengths: Sequence[int]) -> int:

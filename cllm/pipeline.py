@@ -50,6 +50,7 @@ class TrainSection(Section):
     ar_weight: float | None = Field(None, ge=0)
     ar_source: Literal["teacher", "labels"] = "labels"  # ground truth where the dataset has it, else teacher
     ordered_feed: bool = True  # reproducible feed (cllm/feed.py); off streams records as the files hold them
+    length_window: int = Field(0, ge=0)  # group batches by length within windows of this many; 0: off
     checkpoint_every: int = Field(100, ge=1)
 
 

@@ -31,7 +31,7 @@ from pydantic import Field, model_validator
 from transformers import AutoConfig, AutoModelForCausalLM, get_cosine_schedule_with_warmup
 
 from cllm.config import StageConfig
-from cllm.data import check_columns, collate_ar, collate_consistency
+from cllm.data import check_columns, collate_ar, collate_consistency, record_length
 from cllm.feed import ordered_feed
 from cllm.losses import LossParts, ar_objective, cllm_loss
 from cllm.models import ModelLoadError, context_length, load_model, resolve_model_path
@@ -77,6 +77,7 @@ class TrainConfig(StageConfig):
     epochs: int = Field(1, ge=1)
     max_steps: int | None = Field(None, ge=1)  # overrides epochs
     shuffle_buffer: int = Field(256, ge=0)  # Ray Data local shuffle; 0 keeps file order
+    length_window: int = Field(0, ge=0)  # batches of similar length cut from this many (less padding); 0: off
     ordered_feed: bool = True  # same records to the same worker in the same order every run (reproducible)
     checkpoint_every: int = Field(100, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
@@ -352,17 +353,38 @@ def deepspeed_config(config: TrainConfig) -> dict:
 def record_batches(shard, config: TrainConfig, plan: StepPlan, start_step: int):
     """Yield (epoch, list of record dicts), skipping the batches a resumed run has already trained on."""
     first_epoch = start_step // plan.steps_per_epoch
+    window = config.batch_size * max(1, config.length_window)
     for epoch in range(first_epoch, plan.epochs):
         skip = start_step - epoch * plan.steps_per_epoch if epoch == first_epoch else 0
-        batches = shard.iter_batches(
-            batch_size=config.batch_size,
+        tables = shard.iter_batches(
+            batch_size=window,
             batch_format="pyarrow",
             local_shuffle_buffer_size=config.shuffle_buffer or None,
             local_shuffle_seed=config.seed + epoch if config.shuffle_buffer else None,
         )
-        for index, table in enumerate(batches):
+        rng = random.Random(f"{config.seed}-{epoch}")
+        batches = (
+            batch
+            for table in tables
+            for batch in split_batches(table.to_pylist(), config.batch_size, rng if config.length_window else None)
+        )
+        for index, records in enumerate(batches):
             if index >= skip:
-                yield epoch, table.to_pylist()
+                yield epoch, records
+
+
+def split_batches(rows: list[dict], batch_size: int, rng: random.Random | None) -> list[list[dict]]:
+    """Cut a window of rows into batches; with an rng, of rows of similar length, in random order.
+
+    A batch pads to its longest row; grouping rows by length within a window of batches (as
+    `group_by_length` does in transformers) cuts the padded tokens without a global sort by length.
+    """
+    if rng is not None:
+        rows = sorted(rows, key=record_length)
+    batches = [rows[start : start + batch_size] for start in range(0, len(rows), batch_size)]
+    if rng is not None:
+        rng.shuffle(batches)
+    return batches
 
 
 def make_batch(records, config: TrainConfig, tokens: dict, rng: random.Random, device) -> dict:
@@ -410,27 +432,37 @@ def special_tokens(loaded, config: TrainConfig) -> dict:
 
 
 class LossMeter:
-    """Running means of the loss terms since the last report, averaged over all workers."""
+    """Running means of the loss terms since the last report, averaged over all workers.
+
+    It also counts batch positions against real tokens: `padded_per_real` is the compute a step
+    spends per token it learns from (1.0: no padding).
+    """
 
     def __init__(self, device: torch.device):
         self.device = device  # NCCL reduces only GPU tensors
-        self.sums = torch.zeros(4, dtype=torch.float64)  # total, consistency, ar, steps
+        self.sums = torch.zeros(6, dtype=torch.float64)  # total, consistency, ar, steps, positions, real tokens
 
-    def add(self, parts: LossParts) -> None:
+    def add(self, parts: LossParts, batch: dict) -> None:
+        masks = [mask for key, mask in batch.items() if key.endswith("attention_mask")]
         values = [
             parts.total.detach().float().item(),
             parts.consistency.float().item(),
             parts.ar.float().item(),
+            1.0,
+            float(sum(mask.numel() for mask in masks)),
+            float(sum(mask.sum().item() for mask in masks)),
         ]
-        self.sums += torch.tensor([*values, 1.0], dtype=torch.float64)
+        self.sums += torch.tensor(values, dtype=torch.float64)
 
     def pop(self) -> dict:
         sums, self.sums = self.sums.to(self.device), torch.zeros_like(self.sums)
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(sums)
-        steps = sums[3].item()
+        sums = sums.cpu().tolist()
+        steps, positions, real = sums[3], sums[4], sums[5]
         names = ("loss", "consistency_loss", "ar_loss")
-        return {name: sums[i].item() / steps if steps else float("nan") for i, name in enumerate(names)}
+        means = {name: sums[i] / steps if steps else float("nan") for i, name in enumerate(names)}
+        return means | {"padded_per_real": positions / real if real else float("nan")}
 
 
 def report(engine, tokenizer, rank: int, metrics: dict, export: bool) -> None:
@@ -492,7 +524,7 @@ def train_loop(loop_config: dict) -> None:
             parts = compute_loss(engine.model, batch, config)
         engine.backward_and_step(parts.total)
         engine.step += 1
-        meter.add(parts)
+        meter.add(parts, batch)
         maybe_fail(engine.step, rank, loop_config)
         if rank == 0 and engine.step % config.log_every == 0:
             now = time.perf_counter()

@@ -13,6 +13,7 @@ from cllm.data import (
     collate_ar,
     collate_consistency,
     consistency_example,
+    record_length,
 )
 from cllm.losses import IGNORE_INDEX
 
@@ -157,3 +158,8 @@ def test_bad_trajectory_records_raise_value_error(record, message):
         collate_consistency([record], rng=random.Random(0), pad_token_id=PAD)
     with pytest.raises(ValueError, match="empty target_ids"):
         collate_ar([{"prompt_ids": [1], "target_ids": []}], pad_token_id=PAD)
+
+
+def test_record_length_is_the_example_it_pads_to():
+    assert record_length({"prefix_ids": [1, 2, 3], "fixed_point": [4, 5], "states": []}) == 5
+    assert record_length({"prompt_ids": [1, 2], "target_ids": [3, 4, 5, 6]}) == 6

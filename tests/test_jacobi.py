@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
+import warnings
+
 import pytest
 import torch
 
 from cllm.jacobi import ar_generate, jacobi_generate
+from cllm.models import cache_keyword
 
 PROMPTS = ["Hello there, how are", "x", "The quick brown fox jumps over", "Jacobi!"]
 BLOCK_SIZES = [1, 2, 8, 16, 32]
@@ -36,6 +40,17 @@ def test_jacobi_equals_generate(any_tiny_model, tokenizer, batch_size):
             assert out.sequences.shape == expected.shape, (block_size, init)
             assert torch.equal(out.sequences, expected), (block_size, init)
             assert out.new_tokens == [MAX_NEW] * input_ids.shape[0]
+
+
+def test_the_cache_goes_by_the_installed_keyword(any_tiny_model, tokenizer):
+    """transformers renames forward()'s cache keyword across 5.x; the old name warns before it goes."""
+    keyword = cache_keyword(type(any_tiny_model))
+    assert keyword in inspect.signature(any_tiny_model.forward).parameters
+    input_ids, mask = encode(tokenizer, PROMPTS)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        out = jacobi_generate(any_tiny_model, input_ids, mask, max_new_tokens=9, block_size=4, eos_token_id=None)
+    assert torch.equal(out.sequences, greedy(any_tiny_model, input_ids, mask, max_new_tokens=9))
 
 
 def eos_inside_a_block(model, input_ids, mask, block_size):

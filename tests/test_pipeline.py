@@ -97,8 +97,10 @@ def test_training_recipe_follows_the_model(tmp_path):
     assert (real.lr, real.ar_weight) == (RECIPES["model"]["lr"], 3.0)
     assert RECIPES["model"] != RECIPES["builtin"]
     assert builtin.ordered_feed and real.ordered_feed  # on unless the command line turns it off
-    streamed = load_config(PipelineConfig, ["--no-train.ordered-feed"], output_dir=str(tmp_path))
+    streamed = load_config(PipelineConfig, ["--no-train.ordered-feed", "--train.length-window", "8"],
+                           output_dir=str(tmp_path))
     assert not train_config(streamed, "teacher-dir").ordered_feed
+    assert (builtin.length_window, train_config(streamed, "teacher-dir").length_window) == (0, 8)
 
 
 def free_port() -> int:

@@ -70,6 +70,7 @@ def test_recipe_cache_key_and_config_loading(tmp_path, monkeypatch):
     assert base.cache_key() == TeacherConfig().cache_key()
     assert TeacherConfig(lr=1e-3).cache_key() != base.cache_key()
     assert TeacherConfig(eval_problems=10).cache_key() == base.cache_key()  # eval does not change weights
+    assert not base.ordered_feed and TeacherConfig(ordered_feed=True).cache_key() != base.cache_key()
     config = load_config(TeacherConfig, ["--hidden-size", "64", "--max-steps", "5"])
     assert (config.hidden_size, config.max_steps) == (64, 5)
     with pytest.raises(ValueError):

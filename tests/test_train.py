@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 import string
 import subprocess
@@ -17,8 +18,9 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from cllm.config import load_config
+from cllm.losses import LossParts
 from cllm.models import load_model
-from cllm.train import FAIL_ONCE_ENV, TrainConfig, run_training
+from cllm.train import FAIL_ONCE_ENV, LossMeter, TrainConfig, run_training, split_batches
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 CHARS = string.ascii_lowercase + string.digits + " +=#"
@@ -131,6 +133,7 @@ def test_ddp_consistency_training_checkpoints_and_resumes(local_ray, tiny_model,
     first = run_training(config)
     assert first.metrics["step"] == 2 and first.metrics["start_step"] == 0
     assert first.metrics["consistency_loss"] > 0 and first.metrics["ar_loss"] > 0
+    assert first.metrics["padded_per_real"] >= 1.0
     assert len(checkpoints(config)) == 2  # one per step, keep_checkpoints=2
     assert {p.name for p in checkpoints(config)[-1].iterdir()} >= {"model", "trainer_state.pt"}
     trained = weights(first.model_dir)
@@ -220,6 +223,41 @@ def test_malformed_record_in_a_worker_is_a_value_error(local_ray, tiny_model, tm
     pq.write_table(pa.Table.from_pylist(good), data)
     with pytest.raises(ValueError, match="rejected its input: .*shorter than its fixed point"):
         run_training(config_for(tmp_path, tiny_model, data, max_steps=1, max_failures=0))
+
+
+def test_length_windows_cut_padding_and_keep_every_row():
+    rng = random.Random(0)
+    rows = [{"id": i, "prefix_ids": [1] * rng.randrange(10, 200), "fixed_point": [2] * 16} for i in range(100)]
+
+    def padded_tokens(batches):
+        return sum(len(batch) * max(len(r["prefix_ids"]) for r in batch) for batch in batches)
+
+    plain = split_batches(rows, 16, None)
+    grouped = split_batches(rows, 16, random.Random(1))
+    assert [len(b) for b in plain] == [16] * 6 + [4] and [r["id"] for b in plain for r in b] == list(range(100))
+    assert sorted(len(b) for b in grouped) == [4] + [16] * 6
+    assert sorted(r["id"] for b in grouped for r in b) == list(range(100))
+    assert padded_tokens(grouped) < 0.8 * padded_tokens(plain)
+
+    def ids(batches):
+        return [[r["id"] for r in batch] for batch in batches]
+
+    assert ids(grouped) == ids(split_batches(rows, 16, random.Random(1)))  # the seed fixes the batches
+    lengths = [[len(r["prefix_ids"]) for r in b] for b in grouped]
+    assert lengths != sorted(lengths)  # batches come in random order, not shortest first
+
+
+def test_loss_meter_averages_terms_and_counts_padding():
+    meter = LossMeter(torch.device("cpu"))
+    terms = ((3.0, 1.0, 0.2), (5.0, 3.0, 0.2))
+    parts = [LossParts(*(torch.tensor(value) for value in step)) for step in terms]
+    meter.add(parts[0], {"attention_mask": torch.tensor([[1, 1, 0], [1, 1, 1]]), "input_ids": torch.zeros(2, 3)})
+    meter.add(parts[1], {"attention_mask": torch.ones(2, 2), "ar_attention_mask": torch.tensor([[1, 0, 0, 0]])})
+    means = meter.pop()
+    assert means["loss"] == pytest.approx(4.0) and means["consistency_loss"] == pytest.approx(2.0)
+    assert means["ar_loss"] == pytest.approx(0.2)
+    assert means["padded_per_real"] == pytest.approx((6 + 4 + 4) / (5 + 4 + 1))
+    assert math.isnan(meter.pop()["loss"])  # pop starts a new window
 
 
 def test_cli_reports_bad_input_without_a_trace(tmp_path):
