@@ -362,12 +362,8 @@ def record_batches(shard, config: TrainConfig, plan: StepPlan, start_step: int):
             local_shuffle_buffer_size=config.shuffle_buffer or None,
             local_shuffle_seed=config.seed + epoch if config.shuffle_buffer else None,
         )
-        rng = random.Random(f"{config.seed}-{epoch}")
-        batches = (
-            batch
-            for table in tables
-            for batch in split_batches(table.to_pylist(), config.batch_size, rng if config.length_window else None)
-        )
+        rng = random.Random(f"{config.seed}-{epoch}") if config.length_window else None
+        batches = (batch for table in tables for batch in split_batches(table.to_pylist(), config.batch_size, rng))
         for index, records in enumerate(batches):
             if index >= skip:
                 yield epoch, records
