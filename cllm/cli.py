@@ -3,30 +3,24 @@
 from __future__ import annotations
 
 import sys
-from typing import Literal
 
 import torch
 from pydantic import Field
 
 from cllm.config import StageConfig, load_config
-from cllm.evaluate import METHODS, evaluate_model, markdown_table, write_report
-from cllm.models import BUILTIN_MODEL, load_model
-from cllm.tasks import load_task
+from cllm.decoding import DecodeFields
+from cllm.evaluate import EvalOptions, data_summary, evaluate_models, evaluation_stages, markdown_table, write_report
+from cllm.models import BUILTIN_MODEL
+from cllm.tasks import DataFields
+from cllm.teacher import resolve_model
 
-Method = Literal["hf_greedy", "ar", "jacobi", "jacobi_ngram", "hf_prompt_lookup"]
 
-
-class BenchConfig(StageConfig):
+class BenchConfig(StageConfig, DataFields, DecodeFields, EvalOptions):
     """Decode held-out prompts with every method on every model, in one run."""
 
     models: list[str] = Field(default_factory=lambda: [BUILTIN_MODEL], min_length=1)
-    dataset: str = "builtin:arith"
-    split: str = "test"
-    limit: int = Field(50, ge=1)
-    block_size: int = Field(16, ge=1)
-    max_new_tokens: int = Field(256, ge=1)
-    methods: list[Method] = Field(default_factory=lambda: list(METHODS), min_length=1)
-    chat: bool = False
+    seed: int = 0
+    device: str | None = None  # default: cuda when available
     threads: int | None = Field(None, ge=1, description="torch intra-op threads on CPU")
     output_dir: str | None = None
 
@@ -34,19 +28,15 @@ class BenchConfig(StageConfig):
 def bench(config: BenchConfig) -> list:
     if config.threads:
         torch.set_num_threads(config.threads)
-    task = load_task(config.dataset, split=config.split, limit=config.limit)
-    answers = task.answers if task.has_answers else None
-    results = []
-    for name in config.models:
-        loaded = load_model(name)
-        results += evaluate_model(
-            loaded, task.prompts, answers, label=name, methods=tuple(config.methods), block_size=config.block_size,
-            max_new_tokens=config.max_new_tokens, chat=config.chat,
-            accuracy_fn=(lambda texts, refs: task.accuracy(texts)) if answers else None,
-        )
+    task = config.load_split(config.split, config.limit, config.seed)
+    metric, reason = task.metric(config.metric)
+    models = {name: resolve_model(name) for name in config.models}
+    results = evaluate_models(models, task, methods=config.methods, decode=config, chat=config.chat,
+                              device=config.device, metric=metric)
     print(markdown_table(results))
     if config.output_dir:
-        write_report(results, config.output_dir, settings=config.model_dump())
+        write_report(results, config.output_dir, settings=config.model_dump(),
+                     data=data_summary(task, metric, reason), stages=evaluation_stages(results, task))
     return results
 
 

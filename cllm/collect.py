@@ -1,42 +1,34 @@
-"""Stage 1, trajectory collection, as a Ray Data job (spec §2).
+"""Trajectory collection as a Ray Data job (spec §2).
 
     driver   load_task -> tokenize -> plan fixed decode batches        (`cllm.trajectories`, no Ray)
     Ray Data from_items(one row per planned batch)
              -> map_batches(TrajectoryDecoder, ActorPoolStrategy)       one model replica per actor
              -> write_parquet(output)                                   one row per block
 
-Resumable: every row names its decode batch, so a rerun reads which batches the output already
-holds, deletes files an interrupted run left half-written (no Parquet footer), and decodes only the
-rest. Batches are fixed by the plan (not by the run), so the rerun reproduces the exact rows an
-uninterrupted run writes. The settings that decide the rows live in `<output>/_manifest.json`
-(Parquet readers skip `_` names); a rerun with different ones is refused rather than mixed in, and a
-lock file refuses a second run on an output that one is still writing.
+Resumable: batches are fixed by the plan (not by the run), so a rerun decodes only the batches the
+output does not hold yet (`cllm.trajectory_store`) and reproduces the rows of an uninterrupted run.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Literal
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import ray
 import torch
-from filelock import FileLock, Timeout
-from pydantic import Field
-from transformers import AutoConfig, GenerationConfig
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+from pydantic import BaseModel, Field
+from transformers import GenerationConfig
 
 from cllm.config import StageConfig
-from cllm.models import ModelLoadError, context_length, load_model, load_tokenizer, resolve_model_path
-from cllm.tasks import load_task
+from cllm.decoding import DecodeFields, special_tokens
+from cllm.models import BUILTIN_MODEL, causal_lm_config, context_length, load_model, load_tokenizer
+from cllm.tasks import READ_REASONS, SET_ASIDE_REASONS, DataFields
 from cllm.trajectories import (
     PROMPT_TOO_LONG,
     TRAJECTORY_SCHEMA,
@@ -47,45 +39,41 @@ from cllm.trajectories import (
     plan_prompts,
     records_to_table,
 )
+from cllm.trajectory_store import exclusive, open_manifest, record_run, scan_output
 
 logger = logging.getLogger(__name__)
 
-MANIFEST = "_manifest.json"
-LOCK = "_collect.lock"
-ROW_SETTINGS = (  # the config keys that decide the rows; a resumed run must match them
-    "dataset", "split", "limit", "seed", "prompt_field", "answer_field", "chat", "block_size",
-    "max_new_tokens", "init", "max_iters", "batch_size", "max_token_run", "repeat_ngram", "augment_prob", "dtype",
-)
 
+class CollectOptions(BaseModel):
+    """How much to collect, how to clean it, how many replicas; shared with the pipeline's `collect` section."""
 
-class CollectConfig(StageConfig):
-    """One collection run: where prompts and teacher come from, how to decode, how to clean, where to write."""
-
-    model: str = "builtin"  # teacher: HF directory or hub name; "builtin" = the project's own teacher
-    dataset: str = "builtin:arith"  # builtin:arith, a .jsonl/.json/.parquet file, or a HF dataset name
     split: str = "train"
-    limit: int | None = Field(None, ge=1)  # first N records of the split
-    seed: int = 0  # built-in task generation and initial guesses
-    prompt_field: str = "prompt"
-    answer_field: str = "answer"
-    chat: bool = False  # apply the tokenizer's chat template to prompts
-    output: str  # directory of Parquet files, one row per block
-
-    block_size: int = Field(16, ge=1)
-    max_new_tokens: int = Field(256, ge=1)  # cut further where the model's context ends
-    init: Literal["prompt", "repeat", "pad", "ngram"] = "prompt"  # initial guesses (reference: from the prompt)
-    max_iters: int | None = Field(None, ge=1)
-    batch_size: int = Field(8, ge=1)  # prompts decoded together by one actor
+    limit: int | None = Field(1500, ge=1)  # first N records of the split; null: all
+    batch_size: int = Field(16, ge=1)  # prompts decoded together by one actor
     dtype: str | None = None  # default: bf16 on GPUs that support it, fp32 elsewhere
-
     max_token_run: int = Field(10, ge=0)  # drop blocks with a run of this many identical tokens; 0: keep all
     repeat_ngram: int = Field(0, ge=0)  # drop blocks repeating an earlier n-gram of this length; 0: off
     augment_prob: float = Field(0.0, ge=0, le=1)  # chance to correct each later wrong token of a state
-
     actors: int = Field(2, ge=1)  # model replicas
     cpus_per_actor: float = Field(1.0, gt=0)
     num_gpus_per_actor: float | None = Field(None, ge=0)  # default: 1 when the cluster has GPUs, else 0
+
+
+class CollectConfig(StageConfig, DataFields, DecodeFields, CollectOptions):
+    """One collection run: the options plus which teacher, which data, and where the rows go."""
+
+    model: str = BUILTIN_MODEL  # teacher: HF directory or hub name ("builtin": resolved by the entry point)
+    seed: int = 0  # built-in task generation and initial guesses
+    output: str  # directory of Parquet files, one row per block
     ray_address: str | None = None  # CLI only: None joins RAY_ADDRESS / a running cluster or starts one
+
+
+# The config keys that decide the rows; a resumed run must match them.
+ROW_SETTINGS = (
+    "dataset", "split", "limit", "seed", "prompt_field", "answer_field", "test_fraction", "split_seed", "chat",
+    "block_size",
+    "max_new_tokens", "init", "max_iters", "batch_size", "max_token_run", "repeat_ngram", "augment_prob", "dtype",
+)
 
 
 @dataclass
@@ -138,20 +126,20 @@ class CollectResult:
 # ----- driver: plan -----
 
 
-def plan_collection(config: CollectConfig) -> CollectionPlan:
-    """Load the dataset and the tokenizer, tokenize, and fix the decode batches (no Ray needed)."""
-    task = load_task(
-        config.dataset, split=config.split, limit=config.limit, seed=config.seed,
-        prompt_field=config.prompt_field, answer_field=config.answer_field,
-    )
-    model_path = resolve_model_path(config.model)
-    tokenizer = load_tokenizer(model_path)
+def plan_collection(config: CollectConfig, resolve_model: Callable[[str], str] = str) -> CollectionPlan:
+    """Load the dataset, then the tokenizer, tokenize, and fix the decode batches (no Ray needed).
+
+    `resolve_model` turns the model reference into a directory (an entry point passes the one that
+    builds the built-in teacher); it runs after the dataset loaded, so bad data fails before any model work.
+    """
+    task = config.load_split(config.split, config.limit, config.seed)
+    model_path = resolve_model(config.model)
     context = context_length(SimpleNamespace(config=causal_lm_config(model_path)))
-    eos = eos_token_ids(model_path, tokenizer)
-    prompts, dropped = plan_prompts(
-        task.records, tokenizer, chat=config.chat, context=context,
-        max_new_tokens=config.max_new_tokens, eos_token_id=eos[0] if eos else None,
-    )
+    tokenizer = load_tokenizer(model_path)
+    special = special_tokens(tokenizer, generation_config(model_path))
+    prompts, dropped = plan_prompts(task.records, tokenizer, chat=config.chat, context=context,
+                                    eos_token_id=special.eos_id)
+    dropped = {**task.set_aside, **dropped}  # rows unreadable as prompts (numbered by row), then by prompt id
     if not prompts:
         raise ValueError(f"no prompt of {config.dataset!r} can be decoded: {describe_dropped(dropped, context)}")
     if dropped:
@@ -159,8 +147,8 @@ def plan_collection(config: CollectConfig) -> CollectionPlan:
     settings = DecodeSettings(
         block_size=config.block_size,
         max_new_tokens=config.max_new_tokens,
-        eos_token_ids=tuple(eos),
-        pad_token_id=tokenizer.pad_token_id,
+        eos_token_ids=special.eos_ids,
+        pad_token_id=special.pad_id,
         context=context,
         init=config.init,
         max_iters=config.max_iters,
@@ -172,134 +160,24 @@ def plan_collection(config: CollectConfig) -> CollectionPlan:
     return CollectionPlan(model_path, settings, plan_batches(prompts, config.batch_size), len(task), dropped)
 
 
-def causal_lm_config(model_path: str):
-    """The model's config, checked here so a bad model fails in the driver, not in every actor."""
+def generation_config(model_path: str) -> GenerationConfig | None:
     try:
-        config = AutoConfig.from_pretrained(model_path)
-    except (OSError, ValueError) as err:
-        raise ModelLoadError(f"cannot load a model config from {model_path!r}: {err}") from err
-    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        raise ModelLoadError(f"{model_path!r} is a {config.model_type!r} model, not a causal language model")
-    return config
-
-
-def eos_token_ids(model_path: str, tokenizer) -> list[int]:
-    """The tokenizer's EOS first (it ends the answer labels), then the generation config's."""
-    ids = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
-    try:
-        configured = GenerationConfig.from_pretrained(model_path).eos_token_id
+        return GenerationConfig.from_pretrained(model_path)
     except OSError:  # no generation_config.json
-        configured = None
-    configured = [] if configured is None else [configured] if isinstance(configured, int) else configured
-    return ids + [i for i in configured if i not in ids]
+        return None
 
 
 def describe_dropped(dropped: dict[str, list[int]], context: int | None) -> str:
     parts = []
     for reason, ids in dropped.items():
         shown = ", ".join(map(str, ids[:5])) + (", ..." if len(ids) > 5 else "")
-        why = f"longer than the model's context of {context} tokens" if reason == PROMPT_TOO_LONG else reason
-        parts.append(f"{len(ids)} prompt(s) {why} (prompt ids {shown})")
+        if reason == PROMPT_TOO_LONG:
+            why = f"longer than the model's context of {context} tokens"
+        else:
+            why = SET_ASIDE_REASONS.get(reason, reason)
+        numbered = "rows" if reason in READ_REASONS else "prompt ids"
+        parts.append(f"{len(ids)} prompt(s) {why} ({numbered} {shown})")
     return "; ".join(parts) or "the dataset has no prompts"
-
-
-# ----- driver: output directory, manifest, resumption -----
-
-
-def row_settings(config: CollectConfig, model_path: str) -> dict:
-    return {"model_path": model_path, **{key: getattr(config, key) for key in ROW_SETTINGS}}
-
-
-def data_files(output: Path) -> list[Path]:
-    return sorted(p for p in output.glob("*.parquet") if not p.name.startswith(("_", ".")))
-
-
-def open_output(config: CollectConfig, plan: CollectionPlan) -> dict:
-    """The manifest of `config.output`: created for a new collection, checked against a resumed one."""
-    output = Path(config.output)
-    settings = row_settings(config, plan.model_path)
-    path = output / MANIFEST
-    if path.is_file():
-        manifest = json.loads(path.read_text())
-        changed = {k: (manifest["settings"].get(k), v) for k, v in settings.items() if manifest["settings"].get(k) != v}
-        if changed:
-            diff = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
-            raise ValueError(
-                f"{output} holds a collection made with other settings ({diff}); "
-                "rerun with the same settings to resume, or choose another --output"
-            )
-    elif data_files(output) if output.is_dir() else False:
-        raise ValueError(f"{output} already holds Parquet files that no collection run wrote; choose another --output")
-    else:
-        manifest = {"settings": settings, "prompt_id": "index of the record in the dataset split",
-                    "empty_batches": [], "runs": []}
-    manifest.update(
-        records=plan.records,
-        prompts=sum(len(b["prompts"]) for b in plan.batches),
-        batches=len(plan.batches),
-        dropped_prompts=plan.dropped_prompts,
-    )
-    write_manifest(output, manifest)
-    return manifest
-
-
-def write_manifest(output: Path, manifest: dict) -> None:
-    output.mkdir(parents=True, exist_ok=True)
-    temporary = output / f"{MANIFEST}.tmp"
-    temporary.write_text(json.dumps(manifest, indent=2))
-    os.replace(temporary, output / MANIFEST)  # readers see the old or the new manifest, never half of one
-
-
-@dataclass
-class OutputScan:
-    batches: set[int]  # decode batches whose rows are in the output
-    rows: int
-    bytes: int
-
-
-def scan_output(output: Path) -> OutputScan:
-    """Which batches the output holds; files without a footer (a killed write) or duplicated are deleted."""
-    batches, rows, size = set(), 0, 0
-    for path in data_files(output):
-        try:
-            metadata = pq.ParquetFile(path).metadata
-        except (pa.ArrowException, OSError):
-            logger.warning("deleting %s: an interrupted run left it half-written", path)
-            path.unlink()
-            continue
-        try:
-            found = set(pq.read_table(path, columns=["batch_id"])["batch_id"].to_pylist())
-        except (pa.ArrowException, KeyError) as err:
-            raise ValueError(f"{path} is not a trajectory file of this collection: {err}") from err
-        if found <= batches:  # a write that completed after its run was killed, and was redone
-            logger.warning("deleting %s: its batches are already in other files", path)
-            path.unlink()
-            continue
-        batches |= found
-        rows += metadata.num_rows
-        size += path.stat().st_size
-    return OutputScan(batches, rows, size)
-
-
-def record_run(
-    output: Path, manifest: dict, stats: list[BatchStats], seconds: float, empty: set[int], complete: bool
-) -> None:
-    manifest["empty_batches"] = sorted(empty)
-    manifest["complete"] = complete
-    manifest["runs"].append(
-        {
-            "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "seconds": round(seconds, 3),
-            "decode_seconds": round(sum(s.seconds for s in stats), 3),
-            "batches": len(stats),
-            "prompts": sum(s.prompts for s in stats),
-            "blocks": sum(s.blocks for s in stats),
-            "rows": sum(s.rows for s in stats),
-            "generated_tokens": sum(s.generated_tokens for s in stats),
-            "dropped_blocks": dict(sum((s.dropped for s in stats), Counter())),
-        }
-    )
-    write_manifest(output, manifest)
 
 
 # ----- Ray: the actor pool -----
@@ -394,22 +272,25 @@ def decode_and_write(
 # ----- the stage -----
 
 
+def row_settings(config: CollectConfig, model_path: str) -> dict:
+    return {"model_path": model_path, **{key: getattr(config, key) for key in ROW_SETTINGS}}
+
+
 def run_collection(config: CollectConfig, plan: CollectionPlan | None = None) -> CollectResult:
     """Collect the trajectories of every planned prompt not yet in `config.output` (needs Ray initialised)."""
     plan = plan or plan_collection(config)
     output = Path(config.output)
-    if output.exists() and not output.is_dir():
-        raise ValueError(f"--output {output} is a file; give a directory")
-    output.mkdir(parents=True, exist_ok=True)
-    try:  # a second run on the same output would take the first one's unfinished files for debris
-        with FileLock(output / LOCK, timeout=0):
-            return collect_into(output, config, plan)
-    except Timeout:
-        raise ValueError(f"another collection run is writing to {output}; wait for it or stop it") from None
+    with exclusive(output):
+        return collect_into(output, config, plan)
 
 
 def collect_into(output: Path, config: CollectConfig, plan: CollectionPlan) -> CollectResult:
-    manifest = open_output(config, plan)
+    manifest = open_manifest(output, row_settings(config, plan.model_path), {
+        "records": plan.records,
+        "prompts": sum(len(b["prompts"]) for b in plan.batches),
+        "batches": len(plan.batches),
+        "dropped_prompts": plan.dropped_prompts,
+    })
     done = scan_output(output).batches | set(manifest["empty_batches"])
     todo = [batch for batch in plan.batches if batch["batch_id"] not in done]
     stats, seconds = decode_and_write(config, plan, todo) if todo else ([], 0.0)

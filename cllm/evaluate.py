@@ -2,7 +2,9 @@
 
 Every method decodes the same prompts at batch size 1, interleaved prompt by prompt, so a change in
 machine load hits all methods alike. Forward passes are counted by a hook on the model itself, the
-same way for `transformers`' own loops and for ours. Nothing is dropped from the statistics.
+same way for `transformers`' own loops and for ours. Nothing is dropped from the statistics: a prompt
+that cannot be decoded (too long for the context, no tokens) is set aside and counted by reason, and
+every number is computed over the prompts decoded, with that count in the report.
 """
 
 from __future__ import annotations
@@ -10,18 +12,33 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
+from pydantic import BaseModel, Field
 
+from cllm.decoding import DecodeFields, response_budget, special_tokens
 from cllm.jacobi import ar_generate, jacobi_generate
-from cllm.models import LoadedModel, context_length, format_prompt, response_budget
+from cllm.models import LoadedModel, context_length, format_prompt, load_model
+from cllm.tasks import Metric, Task, choose_metric, describe_set_aside, score
+from cllm.trajectories import EMPTY_PROMPT, PROMPT_TOO_LONG
 
 METHODS = ("hf_greedy", "ar", "jacobi", "jacobi_ngram", "hf_prompt_lookup")
 BASELINE = "hf_greedy"
+Method = Literal[METHODS]
+
+
+class EvalOptions(BaseModel):
+    """Which held-out prompts and which methods; shared by `cllm bench` and the pipeline's `eval` section."""
+
+    split: str = "test"
+    limit: int = Field(100, ge=1)
+    methods: list[Method] = Field(default_factory=lambda: list(METHODS), min_length=1)
+    metric: Metric = "auto"  # numeric (GSM8K), exact (trimmed text), none, or auto (cllm.tasks.scoring)
 
 
 @dataclass
@@ -32,10 +49,13 @@ class MethodResult:
     new_tokens: int = 0
     decode_tokens: int = 0  # tokens after the first of each prompt (the first comes from prefill)
     decode_forwards: int = 0  # forward passes after prefill
-    too_long: int = 0  # prompts that leave no room in the model's context, not decoded
+    set_aside: dict[str, int] = field(default_factory=dict)  # prompts not decoded, by reason
     seconds: float = 0.0
     exact: int = 0  # prompts whose output equals greedy AR token for token
-    accuracy: float | None = None
+    metric: str = "none"  # how `accuracy` was scored
+    scored: int = 0  # decoded prompts with a reference answer: the accuracy's denominator
+    correct: int = 0
+    accuracy: float | None = None  # correct / scored; None when nothing was scored
     speedup: float | None = None  # tokens/s relative to hf_greedy on the same model
     speedup_vs_ar: float | None = None  # tokens/s relative to the project's AR loop (when "ar" ran)
     commit_histogram: dict[int, int] = field(default_factory=dict)
@@ -67,10 +87,15 @@ def count_forwards(model):
         handle.remove()
 
 
-def decoders(loaded: LoadedModel, *, block_size: int, lookup_tokens: int) -> dict[str, Callable]:
-    """Each method as `fn(input_ids, max_new_tokens) -> (new token ids, commit histogram or None)`, batch 1."""
-    model, tokenizer = loaded.model, loaded.tokenizer
-    common = dict(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+def decoders(loaded: LoadedModel, *, decode: DecodeFields, lookup_tokens: int) -> dict[str, Callable]:
+    """Each method as `fn(input_ids, max_new_tokens) -> (new token ids, commit histogram or None)`, batch 1.
+
+    "jacobi" uses the configured initial guess (default: from the prompt), "jacobi_ngram" the n-gram pool.
+    """
+    model = loaded.model
+    special = special_tokens(loaded.tokenizer, model.generation_config)
+    common = dict(eos_token_id=list(special.eos_ids) or None, pad_token_id=special.pad_id)
+    jacobi = dict(block_size=decode.block_size, max_iters=decode.max_iters)
 
     def hf(**extra):
         def run(ids, budget):
@@ -88,14 +113,15 @@ def decoders(loaded: LoadedModel, *, block_size: int, lookup_tokens: int) -> dic
     return {
         "hf_greedy": hf(),
         "ar": ours(ar_generate),
-        "jacobi": ours(jacobi_generate, block_size=block_size, init="prompt"),
-        "jacobi_ngram": ours(jacobi_generate, block_size=block_size, init="ngram"),
+        "jacobi": ours(jacobi_generate, init=decode.init, **jacobi),
+        "jacobi_ngram": ours(jacobi_generate, init="ngram", **jacobi),
         "hf_prompt_lookup": hf(prompt_lookup_num_tokens=lookup_tokens),
     }
 
 
-def strip_after_eos(tokens: list[int], eos: int | None) -> list[int]:
-    return tokens[: tokens.index(eos) + 1] if eos is not None and eos in tokens else tokens
+def strip_after_eos(tokens: list[int], eos_ids: Sequence[int]) -> list[int]:
+    ends = [i for i, token in enumerate(tokens) if token in eos_ids]
+    return tokens[: ends[0] + 1] if ends else tokens
 
 
 def evaluate_model(
@@ -105,40 +131,42 @@ def evaluate_model(
     *,
     label: str | None = None,
     methods: tuple[str, ...] = METHODS,
-    block_size: int = 16,
-    max_new_tokens: int = 256,
+    decode: DecodeFields | None = None,
     lookup_tokens: int = 10,
     chat: bool = False,
-    accuracy_fn: Callable[[list[str], list], float] | None = None,
+    metric: str = "auto",
 ) -> list[MethodResult]:
     """Decode every prompt with every method; return one result per method.
 
     Each prompt gets `max_new_tokens` or what is left of the model's context, whichever is less; a
-    prompt that fills the context is not decoded and is counted in `too_long` (and fails the run
-    when no prompt fits).
+    prompt that fills the context (or has no tokens) is not decoded and is counted in `set_aside`
+    (and fails the run when no prompt is left). Accuracy compares each decoded prompt's output with
+    its own answer, by `metric` (resolved by `choose_metric` when "auto"); prompts without an answer
+    are not scored.
     """
     unknown = set(methods) - set(METHODS)
     if unknown:
         raise ValueError(f"unknown evaluation methods {sorted(unknown)}: choose from {METHODS}")
     if not prompts:
         raise ValueError("no prompts to evaluate")
+    if answers is not None and len(answers) != len(prompts):
+        raise ValueError(f"{len(answers)} answers for {len(prompts)} prompts")
+    metric = choose_metric(metric, answers)[0] if answers is not None else "none"
     methods = tuple(dict.fromkeys((BASELINE, *methods)))  # exactness is judged against greedy AR
+    decode = decode or DecodeFields()
     tokenizer = loaded.tokenizer
-    run = decoders(loaded, block_size=block_size, lookup_tokens=lookup_tokens)
-    results = {m: MethodResult(model=label or loaded.name, method=m) for m in methods}
+    run = decoders(loaded, decode=decode, lookup_tokens=lookup_tokens)
+    eos_ids = special_tokens(tokenizer, loaded.model.generation_config).eos_ids
+    results = {m: MethodResult(model=label or loaded.name, method=m, metric=metric) for m in methods}
     texts: dict[str, list[str]] = {m: [] for m in methods}
     histograms = {m: Counter() for m in methods}
-    encoded = [
-        tokenizer(format_prompt(tokenizer, p, chat=chat), return_tensors="pt")["input_ids"].to(loaded.device)
-        for p in prompts
-    ]
     context = context_length(loaded.model)
-    fitting = [ids for ids in encoded if context is None or ids.shape[1] < context]
-    too_long = len(encoded) - len(fitting)
-    if not fitting:
-        raise ValueError(f"every prompt fills the model's context of {context} tokens: nothing to evaluate")
-    encoded = fitting
-    budgets = [response_budget(max_new_tokens, context, [ids.shape[1]]) for ids in encoded]
+    decoded, encoded, set_aside = prepare_prompts(tokenizer, prompts, chat=chat, context=context)
+    encoded = [ids.to(loaded.device) for ids in encoded]
+    if not encoded:
+        raise ValueError(f"no prompt can be decoded: {describe_set_aside(set_aside)} "
+                         f"(the model's context is {context} tokens): nothing to evaluate")
+    budgets = [response_budget(decode.max_new_tokens, context, [ids.shape[1]]) for ids in encoded]
     for method in methods:  # warm-up: first calls pay for allocation and lazy initialisation
         run[method](encoded[0], budgets[0])
     for ids, budget in zip(encoded, budgets, strict=True):
@@ -148,7 +176,7 @@ def evaluate_model(
                 start = time.perf_counter()
                 tokens, histogram = run[method](ids, budget)
                 seconds = time.perf_counter() - start
-            tokens = strip_after_eos(tokens, tokenizer.eos_token_id)
+            tokens = strip_after_eos(tokens, eos_ids)
             reference = tokens if method == BASELINE else reference
             result = results[method]
             result.prompts += 1
@@ -159,16 +187,63 @@ def evaluate_model(
             result.exact += tokens == reference
             histograms[method].update(histogram or {})
             texts[method].append(tokenizer.decode(tokens, skip_special_tokens=True))
+    references = [answers[i] for i in decoded] if answers is not None else [None] * len(decoded)
     baseline_tps = results[BASELINE].tokens_per_second
     ar_tps = results["ar"].tokens_per_second if "ar" in results else 0.0
     for method, result in results.items():
-        result.too_long = too_long
+        result.set_aside = set_aside
         result.speedup = result.tokens_per_second / baseline_tps if baseline_tps else None
         result.speedup_vs_ar = result.tokens_per_second / ar_tps if ar_tps else None
         result.commit_histogram = dict(sorted(histograms[method].items()))
-        if answers is not None and accuracy_fn is not None:
-            result.accuracy = accuracy_fn(texts[method], answers)
+        result.correct, result.scored = score(metric, texts[method], references)
+        result.accuracy = result.correct / result.scored if result.scored else None
     return list(results.values())
+
+
+def prepare_prompts(
+    tokenizer, prompts: list, *, chat: bool, context: int | None
+) -> tuple[list[int], list[torch.Tensor], dict[str, int]]:
+    """The indices and input ids (on CPU) of the prompts that can be decoded, and how many were set aside, by reason.
+
+    The pipeline runs this before collection too, so an evaluation split with nothing to decode fails
+    before any training.
+    """
+    decoded, encoded, set_aside = [], [], Counter()
+    for index, prompt in enumerate(prompts):
+        ids = tokenizer(format_prompt(tokenizer, prompt, chat=chat), return_tensors="pt")["input_ids"]
+        if ids.shape[1] == 0:
+            set_aside[EMPTY_PROMPT] += 1
+        elif context is not None and ids.shape[1] >= context:
+            set_aside[PROMPT_TOO_LONG] += 1
+        else:
+            decoded.append(index)
+            encoded.append(ids)
+    return decoded, encoded, dict(set_aside)
+
+
+def evaluate_models(
+    models: dict[str, str],
+    task: Task,
+    *,
+    methods: Sequence[str] = METHODS,
+    decode: DecodeFields | None = None,
+    chat: bool = False,
+    device: str | None = None,
+    metric: str = "auto",
+) -> list[MethodResult]:
+    """Every method on every model ({label: model directory or hub name}), on the same prompts, in one run.
+
+    `metric` is resolved once for the task (`Task.metric`), so every model is scored the same way.
+    """
+    metric = task.metric(metric)[0]
+    results = []
+    for label, path in models.items():
+        loaded = load_model(path, device=device)
+        results += evaluate_model(
+            loaded, task.prompts, task.answers, label=label, methods=tuple(methods), decode=decode, chat=chat,
+            metric=metric,
+        )
+    return results
 
 
 # ----- the report -----
@@ -184,12 +259,66 @@ def markdown_table(results: list[MethodResult]) -> str:
         return f"{value:.2f}x" if value is not None else "n/a"
 
     for r in results:
-        accuracy = f"{100 * r.accuracy:.1f}%" if r.accuracy is not None else "n/a"
+        accuracy = f"{100 * r.accuracy:.1f}% ({r.correct}/{r.scored})" if r.accuracy is not None else "n/a"
         lines.append(
             f"| {r.model} | {r.method} | {r.tokens_per_forward:.2f} | {r.tokens_per_second:.1f} | {ratio(r.speedup)} | "
             f"{ratio(r.speedup_vs_ar)} | {accuracy} | {r.exact}/{r.prompts} |"
         )
     return "\n".join(lines)
+
+
+def evaluation_stages(results: list[MethodResult], task: Task | None = None) -> list[dict]:
+    """One row per evaluated model: rows of the split, set aside (when read or when decoded), decoded, scored."""
+    read_aside = task.set_aside_counts if task is not None else {}
+    stages = []
+    for r in results:
+        if r.method != BASELINE:
+            continue
+        set_aside = {**read_aside, **r.set_aside}
+        stages.append({
+            "stage": f"evaluate {r.model}", "split": task.split if task is not None else None,
+            "rows": r.prompts + sum(set_aside.values()), "set_aside": set_aside, "decoded": r.prompts,
+            "scored": r.scored if r.metric != "none" else None, "metric": r.metric,
+        })
+    return stages
+
+
+def data_summary(task: Task, metric: str, reason: str) -> dict:
+    """What the report says about the data: where it came from, how it was read and split, how it is scored."""
+    return {"dataset": task.name, "record_formats": task.formats, "eval_split": f"{task.split}: {task.source}",
+            "metric": metric, "metric_reason": reason}
+
+
+def stages_table(stages: list[dict]) -> str:
+    lines = ["| stage | split | rows | set aside | decoded | scored |", "| --- | --- | ---: | --- | ---: | ---: |"]
+    for stage in stages:
+        scored = "n/a" if stage.get("scored") is None else f"{stage['scored']} ({stage.get('metric')})"
+        lines.append(f"| {stage['stage']} | {stage.get('split') or ''} | {stage['rows']} | "
+                     f"{describe_set_aside(stage['set_aside'])} | {stage['decoded']} | {scored} |")
+    return "\n".join(lines)
+
+
+def data_lines(data: dict) -> str:
+    def text(value) -> str:
+        return ", ".join(f"{v} {k}" for k, v in value.items()) if isinstance(value, dict) else str(value)
+
+    return "\n".join(f"- {key.replace('_', ' ')}: {text(value)}" for key, value in data.items())
+
+
+def markdown_report(results: list[MethodResult], data: dict, stages: list[dict]) -> str:
+    metrics = sorted({r.metric for r in results})
+    parts = ["# CLLM evaluation"]
+    if data:
+        parts.append("## Data\n\n" + data_lines(data))
+    parts.append("## Prompts per stage\n\n" + stages_table(stages)
+                 + "\n\nRows set aside are not decoded; every number below is over the prompts decoded.")
+    parts.append(
+        "## Results\n\n" + markdown_table(results)
+        + f"\n\nAccuracy ({', '.join(metrics)}) is over the decoded prompts that have a reference answer, "
+        "the count in brackets; n/a when nothing is scored. \"equals greedy AR\" counts the decoded prompts "
+        "whose output is token for token hf_greedy's."
+    )
+    return "\n\n".join(parts) + "\n"
 
 
 def plot_report(results: list[MethodResult], directory: Path) -> list[Path]:
@@ -236,15 +365,25 @@ def plot_report(results: list[MethodResult], directory: Path) -> list[Path]:
     return paths
 
 
-def write_report(results: list[MethodResult], directory: str | Path, settings: dict | None = None) -> dict[str, Path]:
-    """report.json (one entry per model x method), report.md (the table) and the plots."""
+def write_report(
+    results: list[MethodResult],
+    directory: str | Path,
+    settings: dict | None = None,
+    *,
+    data: dict | None = None,
+    stages: list[dict] | None = None,
+) -> dict[str, Path]:
+    """report.json (data, prompts per stage, one entry per model x method), report.md (the same as tables), plots.
+
+    Without `stages`, the evaluation's own rows are reported (`evaluation_stages`).
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    report = {"settings": settings or {}, "results": [r.to_dict() for r in results]}
+    stages = evaluation_stages(results) if stages is None else stages
+    report = {"settings": settings or {}, "data": data or {}, "stages": stages,
+              "results": [r.to_dict() for r in results]}
     (directory / "report.json").write_text(json.dumps(report, indent=2))
-    notes = "".join(f"\n{r.model}: {r.too_long} prompt(s) fill the model's context and were not decoded.\n"
-                    for r in results if r.method == BASELINE and r.too_long)
-    (directory / "report.md").write_text("# CLLM evaluation\n\n" + markdown_table(results) + "\n" + notes)
+    (directory / "report.md").write_text(markdown_report(results, data or {}, stages))
     paths = {"json": directory / "report.json", "markdown": directory / "report.md"}
     for path in plot_report(results, directory):
         paths[path.stem] = path

@@ -16,6 +16,8 @@ The steps, in the order they run:
 Batching: rows commit different numbers of tokens per pass. The cache stays one rectangle; a row that
 commits fewer tokens than the batch's maximum leaves masked holes, and explicit per-row position ids keep
 its positions contiguous, so no row ever sees another row's tokens or its own discarded guesses.
+Sliding-window models get masks built from those positions (see `cllm.kv_cache`); models whose cache cannot
+be rolled back or masked that way are refused up front by `check_supported`.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import torch
 from transformers import DynamicCache
 
 from cllm.guesses import GUESS_STRATEGIES, NgramPool, initial_guess
+from cllm.kv_cache import AttentionLayout, check_supported, forward_mask, new_cache
 from cllm.models import cache_keyword, context_length
 
 
@@ -94,13 +97,15 @@ class Decoding:
     trajectories: list[dict] = field(default_factory=list)
 
 
-def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[DynamicCache, list[int]]:
+def prefill(
+    model, layout: AttentionLayout, input_ids: torch.Tensor, prompt_mask: torch.Tensor
+) -> tuple[DynamicCache, list[int]]:
     """Fill the KV cache with the prompt; the argmax at its last position is the first new token."""
-    cache = DynamicCache(config=model.config)
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    cache = new_cache(model)
+    position_ids = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)
     logits = model(
         input_ids=input_ids,
-        attention_mask=attention_mask,
+        attention_mask=forward_mask(layout, prompt_mask, position_ids),
         position_ids=position_ids,
         **{cache_keyword(type(model)): cache},
         use_cache=True,
@@ -110,7 +115,7 @@ def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tup
 
 
 def jacobi_forward(
-    model, cache: DynamicCache, cache_mask: torch.Tensor, rows: list[Row], pad_token_id: int
+    model, layout: AttentionLayout, cache: DynamicCache, cache_mask: torch.Tensor, rows: list[Row], pad_token_id: int
 ) -> list[list[int]]:
     """One Jacobi iteration for every row: forward the live windows, return the greedy prediction at each slot.
 
@@ -123,12 +128,13 @@ def jacobi_forward(
     for i, row in enumerate(rows):
         tokens[i, : len(row.window)] = torch.tensor(row.window)
     starts = torch.tensor([row.position for row in rows])
-    position_ids = starts[:, None] + torch.arange(width)
+    position_ids = (starts[:, None] + torch.arange(width)).to(device)
     window_mask = torch.ones(len(rows), width, dtype=torch.bool, device=device)
+    key_mask = torch.cat([cache_mask, window_mask], dim=1)
     logits = model(
         input_ids=tokens.to(device),
-        attention_mask=torch.cat([cache_mask, window_mask], dim=1),
-        position_ids=position_ids.to(device),
+        attention_mask=forward_mask(layout, key_mask, position_ids),
+        position_ids=position_ids,
         **{cache_keyword(type(model)): cache},
         use_cache=True,
     ).logits
@@ -332,7 +338,9 @@ def jacobi_generate(
     `max_iters` caps the passes per block: a block still unconverged then restarts from its last
     correct token with fresh guesses (the output does not change).
     `on_commit(row, tokens)` receives tokens as they become final; returning True stops that row.
+    A model this engine cannot decode exactly raises ValueError up front (see `check_supported`).
     """
+    layout = check_supported(model)
     validate_arguments(model, input_ids, attention_mask, max_new_tokens, block_size, init, max_iters)
     eos_ids = eos_set(eos_token_id)
     if pad_token_id is None:
@@ -358,7 +366,7 @@ def jacobi_generate(
             pool=NgramPool(block_size) if init == "ngram" else None)
         for i in range(batch)
     ]
-    cache, first_tokens = prefill(model, input_ids, attention_mask)
+    cache, first_tokens = prefill(model, layout, input_ids, attention_mask)
     cache_mask = attention_mask
     for row, token in zip(rows, first_tokens, strict=True):
         if row.pool is not None:
@@ -372,7 +380,7 @@ def jacobi_generate(
     forward_passes = 0
     live, cache_mask = retire_rows(rows, cache, cache_mask)
     while live:
-        predictions = jacobi_forward(model, cache, cache_mask, live, pad_token_id)
+        predictions = jacobi_forward(model, layout, cache, cache_mask, live, pad_token_id)
         forward_passes += 1
         kept = [advance_row(row, preds, dec) for row, preds in zip(live, predictions, strict=True)]
         cache_mask = roll_back_cache(cache, cache_mask, kept)

@@ -1,14 +1,14 @@
 """Load a Hugging Face causal LM and its tokenizer, on the right device and dtype.
 
-The built-in teacher is an ordinary model directory on disk; `"builtin"` only names where it lives,
-so every stage loads it through the same `from_pretrained` path as a hub model.
+Loading never builds anything: `"builtin"` names the project's own teacher, which only the entry points
+and the pipeline's teacher stage turn into a directory (`cllm.teacher.resolve_model`); every stage then
+loads it through the same `from_pretrained` path as a hub model.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +17,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 BUILTIN_MODEL = "builtin"
+TEACHER_METADATA = "teacher.json"  # what marks a directory as the built-in teacher (its recipe and score)
 
 
 class ModelLoadError(ValueError):
@@ -57,13 +58,33 @@ def pick_dtype(device: torch.device, dtype: str | None = None) -> torch.dtype:
     return torch.float32
 
 
-def resolve_model_path(name_or_path: str) -> str:
-    """Map `builtin` to the cached built-in teacher directory (training it on first use)."""
-    if name_or_path == BUILTIN_MODEL:
-        from cllm.teacher import ensure_builtin_teacher
+def is_missing_path(name_or_path: str) -> bool:
+    """True for a reference that is written as a local path (not a hub name) and does not exist."""
+    if Path(name_or_path).expanduser().exists():
+        return False
+    return name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1
 
-        return str(ensure_builtin_teacher())
-    return name_or_path
+
+def is_builtin_teacher(model_dir: str | Path) -> bool:
+    return (Path(model_dir) / TEACHER_METADATA).is_file()
+
+
+def causal_lm_config(name_or_path: str):
+    """The model's config, checked to be a causal LM: a bad model fails in the driver, not in every worker."""
+    if name_or_path == BUILTIN_MODEL:
+        raise ModelLoadError(
+            f"{BUILTIN_MODEL!r} names the project's built-in teacher, which is not built yet at this point: "
+            "resolve it first with cllm.teacher.resolve_model (the entry points do)"
+        )
+    if is_missing_path(name_or_path):
+        raise ModelLoadError(f"cannot load a model from {name_or_path!r}: the model path does not exist")
+    try:
+        config = AutoConfig.from_pretrained(name_or_path)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"cannot load a model config from {name_or_path!r}: {err}") from err
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise ModelLoadError(f"{name_or_path!r} is a {config.model_type!r} model, not a causal language model")
+    return config
 
 
 def context_length(model: PreTrainedModel) -> int | None:
@@ -83,18 +104,10 @@ def cache_keyword(model_class: type) -> str:
     return "cache" if "cache" in parameters else "past_key_values"
 
 
-def response_budget(max_new_tokens: int, context: int | None, prompt_lengths: Sequence[int]) -> int:
-    """New tokens for a batch: max_new_tokens, cut so the longest prompt's response ends within the context."""
-    if context is None:
-        return max_new_tokens
-    return max(1, min(max_new_tokens, context - max(prompt_lengths)))
-
-
 def load_tokenizer(name_or_path: str):
     """Tokenizer with a pad token and left padding (what batched decoding needs)."""
-    path = resolve_model_path(name_or_path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     except (OSError, ValueError) as err:
         raise ModelLoadError(f"cannot load a tokenizer from {name_or_path!r}: {err}") from err
     if tokenizer.pad_token is None:
@@ -106,21 +119,10 @@ def load_tokenizer(name_or_path: str):
     return tokenizer
 
 
-def load_model(
-    name_or_path: str = BUILTIN_MODEL, *, device: str | None = None, dtype: str | None = None
-) -> LoadedModel:
+def load_model(name_or_path: str, *, device: str | None = None, dtype: str | None = None) -> LoadedModel:
     """Load a causal LM and its tokenizer from a local directory or a hub name, ready for inference."""
-    path = resolve_model_path(name_or_path)
-    if not Path(path).exists() and (path.startswith(("/", ".", "~")) or path.count("/") > 1):
-        raise ModelLoadError(f"model path {name_or_path!r} does not exist")
-    try:
-        config = AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as err:
-        raise ModelLoadError(f"cannot load a model config from {name_or_path!r}: {err}") from err
-    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        raise ModelLoadError(
-            f"{name_or_path!r} is a {config.model_type!r} model, not a causal language model"
-        )
+    path = name_or_path
+    causal_lm_config(path)
     torch_device = pick_device(device)
     torch_dtype = pick_dtype(torch_device, dtype)
     try:

@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any, Literal, TypeVar
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError, model_serializer
 
 MAX_STOP_SEQUENCES = 4
 SSE_DONE = "data: [DONE]\n\n"
@@ -61,21 +62,31 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
+def _refuse_bool(value: Any) -> Any:
+    if isinstance(value, bool):  # JSON true/false is not a number on OpenAI's API
+        raise ValueError("expected a number, got a boolean")
+    return value
+
+
+Integer = Annotated[int, Strict()]  # a JSON number without a fraction; true/false and "5" refused
+Number = Annotated[float, BeforeValidator(_refuse_bool)]
+
+
 class _GenerationRequest(_Strict):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
     model: str
-    max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, gt=0, le=1)
-    n: int | None = Field(default=None, ge=1)
+    max_tokens: Integer | None = Field(default=None, ge=1)
+    temperature: Number | None = Field(default=None, ge=0, le=2)
+    top_p: Number | None = Field(default=None, gt=0, le=1)
+    n: Integer | None = Field(default=None, ge=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
-    seed: int | None = None  # greedy decoding is deterministic: any seed gives the same answer
+    presence_penalty: Number | None = None
+    frequency_penalty: Number | None = None
+    logit_bias: dict[str, Number] | None = None
+    seed: Integer | None = None  # greedy decoding is deterministic: any seed gives the same answer
     user: str | None = None
 
     def stop_sequences(self) -> list[str]:
@@ -86,8 +97,8 @@ class CompletionRequest(_GenerationRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool = False
     suffix: str | None = None
-    best_of: int | None = Field(default=None, ge=1)
-    logprobs: int | None = None
+    best_of: Integer | None = Field(default=None, ge=1)
+    logprobs: Integer | None = None
 
 
 class TextPart(_Strict):
@@ -108,9 +119,9 @@ class ChatMessage(_Strict):
 
 class ChatCompletionRequest(_GenerationRequest):
     messages: list[ChatMessage]
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: Integer | None = Field(default=None, ge=1)
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: Integer | None = None
     response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
@@ -139,6 +150,8 @@ def parse_request(raw: bytes, schema: type[R]) -> R:
         data = json.loads(text)
     except json.JSONDecodeError as err:
         raise OpenAIError(f"request body is not valid JSON: {err.msg} at line {err.lineno} col {err.colno}") from None
+    except RecursionError:
+        raise OpenAIError("request body is nested too deeply") from None
     if not isinstance(data, dict):
         raise OpenAIError(f"request body must be a JSON object, got {type(data).__name__}")
     try:
@@ -149,6 +162,8 @@ def parse_request(raw: bytes, schema: type[R]) -> R:
         return schema.model_validate(data)
     except ValidationError as err:
         raise validation_error(err) from None
+    except RecursionError:
+        raise OpenAIError("request body is nested too deeply") from None
 
 
 def validation_error(err: ValidationError) -> OpenAIError:
@@ -347,3 +362,97 @@ def sse_event(payload: BaseModel | dict[str, Any]) -> str:
     if isinstance(payload, BaseModel):
         return f"data: {payload.model_dump_json()}\n\n"
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+# ----- reply builders: one request's full answer, or its stream of chunks -----
+# `job` is the request's decoding state (cllm.serving.DecodeJob): prompt_ids, tokens, text, finish_reason.
+
+
+@dataclass
+class Reply:
+    """Builds one request's response objects: the full answer, or its stream of chunks."""
+
+    id: str
+    created: int
+    model: str
+
+    @staticmethod
+    def usage(job) -> Usage:
+        n, m = len(job.prompt_ids), len(job.tokens)
+        return Usage(prompt_tokens=n, completion_tokens=m, total_tokens=n + m)
+
+    def opening(self) -> str:
+        return ""
+
+    def usage_only(self, job) -> str:
+        return sse_event(
+            {
+                "id": self.id,
+                "object": self.chunk_object,
+                "created": self.created,
+                "model": self.model,
+                "choices": [],
+                "usage": self.usage(job).model_dump(),
+            }
+        )
+
+
+class CompletionReply(Reply):
+    chunk_object = "text_completion"
+
+    def full(self, job, stats: JacobiStats) -> CompletionResponse:
+        return CompletionResponse(
+            id=self.id,
+            created=self.created,
+            model=self.model,
+            choices=[CompletionChoice(text=job.text.text, finish_reason=job.finish_reason)],
+            usage=self.usage(job),
+            jacobi_stats=stats,
+        )
+
+    def chunk(self, text: str, finish_reason=None, stats: JacobiStats | None = None) -> CompletionResponse:
+        return CompletionResponse(
+            id=self.id,
+            created=self.created,
+            model=self.model,
+            choices=[CompletionChoice(text=text, finish_reason=finish_reason)],
+            jacobi_stats=stats,
+        )
+
+    def delta(self, text: str) -> str:
+        return sse_event(self.chunk(text))
+
+    def closing(self, job, stats: JacobiStats) -> str:
+        return sse_event(self.chunk("", job.finish_reason, stats))
+
+
+class ChatReply(Reply):
+    chunk_object = "chat.completion.chunk"
+
+    def full(self, job, stats: JacobiStats) -> ChatCompletionResponse:
+        return ChatCompletionResponse(
+            id=self.id,
+            created=self.created,
+            model=self.model,
+            choices=[ChatChoice(message=AssistantMessage(content=job.text.text), finish_reason=job.finish_reason)],
+            usage=self.usage(job),
+            jacobi_stats=stats,
+        )
+
+    def chunk(self, delta: ChatDelta, finish_reason=None, stats: JacobiStats | None = None) -> ChatCompletionChunk:
+        return ChatCompletionChunk(
+            id=self.id,
+            created=self.created,
+            model=self.model,
+            choices=[ChatChunkChoice(delta=delta, finish_reason=finish_reason)],
+            jacobi_stats=stats,
+        )
+
+    def opening(self) -> str:
+        return sse_event(self.chunk(ChatDelta(role="assistant", content="")))
+
+    def delta(self, text: str) -> str:
+        return sse_event(self.chunk(ChatDelta(content=text)))
+
+    def closing(self, job, stats: JacobiStats) -> str:
+        return sse_event(self.chunk(ChatDelta(), job.finish_reason, stats))

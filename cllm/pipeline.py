@@ -3,6 +3,10 @@
 One `PipelineConfig` covers every stage; each stage's own config is built from it at start, so a bad
 key fails before any work. Each finished stage leaves a marker in `<output_dir>/stages/`, and a rerun
 with the same output directory skips it.
+
+Prompts a stage cannot use (unreadable records, prompts longer than the model's context) are set aside
+and counted, never fatal to a later stage: the report lists them per stage, and evaluation scores
+only the prompts it decoded, each against its own answer.
 """
 
 from __future__ import annotations
@@ -10,123 +14,75 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Literal
+from types import SimpleNamespace
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
+from cllm.collect import CollectConfig, CollectOptions
 from cllm.config import StageConfig
-from cllm.evaluate import METHODS
+from cllm.decoding import DecodeFields
+from cllm.evaluate import EvalOptions
 from cllm.models import BUILTIN_MODEL
+from cllm.serve import ServeConfig, ServeOptions
+from cllm.tasks import DataFields, Task, describe_set_aside
+from cllm.tasks.records import TEXT_FORMAT
+from cllm.tasks.splits import prompt_key
 from cllm.teacher import TeacherConfig
-
-Method = Literal["hf_greedy", "ar", "jacobi", "jacobi_ngram", "hf_prompt_lookup"]
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+from cllm.train.config import TrainConfig, TrainOptions
 
 
-class CollectSection(Section):
-    split: str = "train"
-    limit: int | None = Field(1500, ge=1)  # prompts to collect trajectories for; None = all
-    actors: int = Field(2, ge=1)
-    batch_size: int = Field(16, ge=1)
-    num_gpus_per_actor: float | None = Field(None, ge=0)  # None: 1 when use_gpu
+class PipelineConfig(StageConfig, DataFields, DecodeFields):
+    """Model, data, decoding, and each stage's own options; with no arguments, the embedded default.
 
-
-class TrainSection(Section):
-    """lr and ar_weight left unset take the recipe of the model being trained (`RECIPES`)."""
-
-    num_workers: int = Field(2, ge=1)
-    cpus_per_worker: float = Field(0.5, gt=0)
-    strategy: Literal["ddp", "deepspeed"] = "ddp"
-    zero_stage: int = Field(2, ge=0, le=3)
-    bf16: bool | None = None  # None: on with GPUs
-    batch_size: int = Field(16, ge=1)
-    lr: float | None = Field(None, gt=0)
-    epochs: int = Field(2, ge=1)
-    max_steps: int | None = Field(None, ge=1)
-    consistency: Literal["global", "local"] = "global"
-    ar_weight: float | None = Field(None, ge=0)
-    ar_source: Literal["teacher", "labels"] = "labels"  # ground truth where the dataset has it, else teacher
-    ordered_feed: bool = True  # reproducible feed (cllm/feed.py); off streams records as the files hold them
-    length_window: int = Field(0, ge=0)  # group batches by length within windows of this many; 0: off
-    checkpoint_every: int = Field(100, ge=1)
-
-
-class EvalSection(Section):
-    split: str = "test"
-    limit: int = Field(100, ge=1)
-    methods: list[Method] = Field(default_factory=lambda: list(METHODS), min_length=1)
-
-
-class ServeSection(Section):
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=1, le=65535)
-    min_replicas: int = Field(1, ge=0)
-    max_replicas: int = Field(1, ge=1)
-
-
-class PipelineConfig(StageConfig):
-    """Model, data and the knobs of every stage; with no arguments, the embedded default on one machine."""
+    The sections are the stage configs' own option classes, so a default is written once, in the stage.
+    """
 
     model: str = BUILTIN_MODEL  # a Hugging Face name or directory; "builtin" = the project's own teacher
-    dataset: str = "builtin:arith"  # builtin:arith, a .jsonl/.parquet file, or a Hugging Face dataset
     output_dir: str = "outputs/default"
-    block_size: int = Field(16, ge=1)
-    max_new_tokens: int = Field(256, ge=1)
     use_gpu: bool = False
-    prompt_field: str = "prompt"  # dataset column holding the prompt (GSM8K on the hub: "question")
-    answer_field: str = "answer"
-    chat: bool = False  # apply the tokenizer's chat template to prompts
     serve: bool = False  # deploy the CLLM on Ray Serve at the end and keep serving
     seed: int = 0
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)  # recipe of the built-in teacher only
-    collect: CollectSection = Field(default_factory=CollectSection)
-    train: TrainSection = Field(default_factory=TrainSection)
-    eval: EvalSection = Field(default_factory=EvalSection)
-    serve_options: ServeSection = Field(default_factory=ServeSection)
+    collect: CollectOptions = Field(default_factory=CollectOptions)
+    train: TrainOptions = Field(default_factory=TrainOptions)
+    eval: EvalOptions = Field(default_factory=EvalOptions)
+    serve_options: ServeOptions = Field(default_factory=ServeOptions)
 
     @property
     def out(self) -> Path:
         return Path(self.output_dir).resolve()
 
+    def shared(self, *bases) -> dict:
+        """The top-level fields a stage config inherits from `bases` (data, decoding)."""
+        return {key: getattr(self, key) for base in bases for key in base.model_fields}
+
 
 # ----- stage configs, built at start so a bad value fails before any work -----
 
 
-def collect_config(config: PipelineConfig, teacher: str):
-    from cllm.collect import CollectConfig
-
-    section = config.collect
-    gpus = section.num_gpus_per_actor if section.num_gpus_per_actor is not None else float(config.use_gpu)
-    return CollectConfig(
-        model=teacher, dataset=config.dataset, split=section.split, output=str(config.out / "trajectories"),
-        block_size=config.block_size, max_new_tokens=config.max_new_tokens, actors=section.actors,
-        batch_size=section.batch_size, num_gpus_per_actor=gpus, limit=section.limit, chat=config.chat,
-        seed=config.seed, prompt_field=config.prompt_field, answer_field=config.answer_field,
-    )
+def collect_config(config: PipelineConfig, teacher: str) -> CollectConfig:
+    options = config.collect.model_dump()
+    if options["num_gpus_per_actor"] is None:
+        options["num_gpus_per_actor"] = float(config.use_gpu)
+    return CollectConfig(model=teacher, output=str(config.out / "trajectories"), seed=config.seed,
+                         **config.shared(DataFields, DecodeFields), **options)
 
 
-# Consistency-training defaults per kind of model. The built-in 1.8M-parameter teacher needs a large
-# lr, and at the paper's w = 10 it lost 8 points of accuracy (81% vs 89%, TPF 2.82); w = 20 over two
-# epochs of 1500 prompts gave TPF 3.06 at 90% (measured, see README). Real models get the paper's.
-RECIPES = {"builtin": {"lr": 1.5e-3, "ar_weight": 20.0}, "model": {"lr": 2e-5, "ar_weight": 10.0}}
-
-
-def train_config(config: PipelineConfig, teacher: str):
-    from cllm.train import TrainConfig
-
-    section = config.train
-    recipe = RECIPES["builtin" if config.model == BUILTIN_MODEL else "model"]
-    values = section.model_dump(exclude={"bf16"})
-    values.update({key: recipe[key] for key in recipe if values[key] is None})
+def train_config(config: PipelineConfig, teacher: str) -> TrainConfig:
     return TrainConfig(
         model=teacher, data=str(config.out / "trajectories"), output_dir=str(config.out / "cllm"),
         storage_path=str(config.out / "ray_train"), run_name="cllm", objective="consistency",
-        use_gpu=config.use_gpu, bf16=config.use_gpu if section.bf16 is None else section.bf16,
-        seed=config.seed, **values,
+        recipe="builtin" if config.model == BUILTIN_MODEL else "model", use_gpu=config.use_gpu,
+        seed=config.seed, **config.train.model_dump(exclude_unset=True),
     )
+
+
+def serve_config(config: PipelineConfig, cllm_dir: str) -> ServeConfig:
+    options = config.serve_options.model_dump()
+    if options["num_gpus"] is None:
+        options["num_gpus"] = 1.0 if config.use_gpu else 0.0
+    return ServeConfig(model=cllm_dir, seed=config.seed, ray_address="auto", **config.shared(DecodeFields),
+                       **options)
 
 
 # ----- running -----
@@ -173,6 +129,8 @@ def run_pipeline(config: PipelineConfig) -> dict:
     """Every stage in order; returns the evaluation report (also written under output_dir/report)."""
     import ray
 
+    collect_task, eval_task = load_data(config)
+    warn_shared_prompts(collect_task, eval_task)
     if not ray.is_initialized():
         ray.init()  # no address: joins the cluster a job was submitted to, else starts a local one
     out = config.out
@@ -184,34 +142,41 @@ def run_pipeline(config: PipelineConfig) -> dict:
     def teacher_stage():
         if config.model != BUILTIN_MODEL:
             return {"model": config.model}
-        from cllm.teacher import ensure_builtin_teacher
+        from cllm.teacher import resolve_model
 
-        return {"model": str(ensure_builtin_teacher(config=config.teacher))}
+        return {"model": resolve_model(BUILTIN_MODEL, config.teacher)}
 
     teacher = run_stage(log, "teacher", "1/4 teacher", teacher_stage)["model"]
     collect_cfg, train_cfg = collect_config(config, teacher), train_config(config, teacher)
+    if log.done("evaluate") is None:
+        check_eval_prompts(config, teacher, eval_task)
+    if config.serve:
+        serve_config(config, str(config.out / "cllm"))  # a bad serving option fails now, not after training
 
     def collect_stage():
         from cllm.collect import run_collection
 
         result = run_collection(collect_cfg)
-        return {"output": collect_cfg.output, **summary(result)}
+        return {"output": collect_cfg.output, **summary(result), "set_aside": result.dropped_prompts,
+                "dropped_blocks": result.dropped_blocks}
 
     def train_stage():
-        from cllm.train import run_training
+        from cllm.train.driver import run_training
 
         result = run_training(train_cfg)
         return {"model_dir": str(result.model_dir), "metrics": result.metrics}
 
-    run_stage(log, "collect", "2/4 collect trajectories (Ray Data)", collect_stage)
+    collected = run_stage(log, "collect", "2/4 collect trajectories (Ray Data)", collect_stage)
     cllm_dir = run_stage(log, "train", "3/4 consistency training (Ray Train)", train_stage)["model_dir"]
     report = run_stage(log, "evaluate", "4/4 evaluate teacher vs CLLM",
-                       lambda: evaluate_stage(config, teacher, cllm_dir))
+                       lambda: evaluate_stage(config, teacher, cllm_dir, collected))
     print((out / "report" / "report.md").read_text())
     times = ", ".join(f"{stage} {seconds:.0f} s" for stage, seconds in log.seconds.items())
     print(f"pipeline finished in {time.perf_counter() - started:.0f} s ({times})", flush=True)
     if config.serve:
-        serve_model(config, cllm_dir)
+        from cllm.serve import serve_until_stopped
+
+        serve_until_stopped(serve_config(config, cllm_dir))
     return report
 
 
@@ -221,45 +186,84 @@ def summary(result) -> dict:
     return {k: v for k, v in values.items() if isinstance(v, (int, float, str, bool)) or v is None}
 
 
-def evaluate_stage(config: PipelineConfig, teacher: str, cllm_dir: str) -> dict:
-    from cllm.evaluate import evaluate_model, markdown_table, write_report
-    from cllm.models import load_model
-    from cllm.tasks import load_task
+# ----- data: loaded and checked at start, described in the report -----
 
-    task = load_task(config.dataset, split=config.eval.split, limit=config.eval.limit, seed=config.seed,
-                     prompt_field=config.prompt_field, answer_field=config.answer_field)
-    answers = task.answers if task.has_answers else None
-    results = []
-    for label, path in (("teacher", teacher), ("cllm", cllm_dir)):
-        loaded = load_model(path, device="cuda" if config.use_gpu else "cpu")
-        results += evaluate_model(
-            loaded, task.prompts, answers, label=label, methods=tuple(config.eval.methods),
-            block_size=config.block_size, max_new_tokens=config.max_new_tokens, chat=config.chat,
-            accuracy_fn=(lambda texts, _refs: task.accuracy(texts)) if answers else None,
-        )
+
+def load_data(config: PipelineConfig) -> tuple[Task, Task]:
+    """The collection and evaluation splits, read at start so a bad data setting fails before any work."""
+    collect = config.load_split(config.collect.split, config.collect.limit, config.seed)
+    evaluation = config.load_split(config.eval.split, config.eval.limit, config.seed)
+    evaluation.metric(config.eval.metric)  # an explicit metric on a dataset without answers fails now
+    chat = config.chat or any(fmt != TEXT_FORMAT for task in (collect, evaluation) for fmt in task.formats)
+    if chat and config.model == BUILTIN_MODEL:
+        raise ValueError("the built-in model has no chat template, and this run needs one (chat records or --chat): "
+                         "choose a --model whose tokenizer has a chat template")
+    return collect, evaluation
+
+
+def shared_prompts(collect: Task, evaluation: Task) -> int:
+    """Evaluation prompts that collection also reads: more than 0 when train and test overlap."""
+    collected = {prompt_key(prompt) for prompt in collect.prompts}
+    return sum(prompt_key(prompt) in collected for prompt in evaluation.prompts)
+
+
+def warn_shared_prompts(collect: Task, evaluation: Task) -> None:
+    shared = shared_prompts(collect, evaluation)
+    if shared:
+        print(f"warning: {shared} of the {len(evaluation)} evaluation prompts are also in the collection split "
+              f"({collect.source}); set --test-fraction to hold prompts out of training", flush=True)
+
+
+def check_eval_prompts(config: PipelineConfig, teacher: str, evaluation: Task) -> None:
+    """Fail before collection, not after training, when no evaluation prompt fits the teacher's context."""
+    from cllm.evaluate import prepare_prompts
+    from cllm.models import causal_lm_config, context_length, load_tokenizer
+
+    context = context_length(SimpleNamespace(config=causal_lm_config(teacher)))
+    decoded, _, set_aside = prepare_prompts(load_tokenizer(teacher), evaluation.prompts, chat=config.chat,
+                                            context=context)
+    if not decoded:
+        raise ValueError(f"no prompt of the evaluation split {config.eval.split!r} can be decoded: "
+                         f"{describe_set_aside(set_aside)} (the teacher's context is {context} tokens)")
+
+
+def collect_row(config: PipelineConfig, collected: dict) -> dict:
+    """The collection stage's line of the report, from its marker."""
+    set_aside = collected.get("set_aside", {})
+    planned = collected.get("prompts", 0)
+    return {"stage": "collect", "split": config.collect.split, "rows": planned + sum(set_aside.values()),
+            "set_aside": set_aside, "decoded": planned, "scored": None}
+
+
+def training_data(collected: dict) -> str:
+    dropped = collected.get("dropped_blocks") or {}
+    cleaned = f"; blocks dropped by cleaning: {describe_blocks(dropped)}" if dropped else ""
+    return (f"{collected.get('rows_total', '?')} trajectory rows of {collected.get('prompts', '?')} collected "
+            f"prompts (training sets no prompt aside){cleaned}")
+
+
+def describe_blocks(dropped: dict) -> str:
+    return ", ".join(f"{n} {reason}" for reason, n in dropped.items())
+
+
+def evaluate_stage(config: PipelineConfig, teacher: str, cllm_dir: str, collected: dict | None = None) -> dict:
+    from cllm.evaluate import data_summary, evaluate_models, evaluation_stages, markdown_table, write_report
+
+    collect_task, task = load_data(config)
+    metric, reason = task.metric(config.eval.metric)
+    results = evaluate_models({"teacher": teacher, "cllm": cllm_dir}, task, methods=config.eval.methods,
+                              decode=config, chat=config.chat, device="cuda" if config.use_gpu else "cpu",
+                              metric=metric)
     print(markdown_table(results))
     settings = {"model": config.model, "teacher": teacher, "cllm": cllm_dir, "dataset": config.dataset,
                 "block_size": config.block_size, "max_new_tokens": config.max_new_tokens,
-                "prompts": len(task), "split": config.eval.split}
-    paths = write_report(results, config.out / "report", settings=settings)
+                "prompts": len(task), "split": config.eval.split, "metric": metric,
+                "test_fraction": config.test_fraction, "split_seed": config.split_seed}
+    data = {**data_summary(task, metric, reason), "collect_split": f"{config.collect.split}: {collect_task.source}",
+            "eval_prompts_also_collected": shared_prompts(collect_task, task)}
+    stages = evaluation_stages(results, task)
+    if collected:
+        data["training_data"] = training_data(collected)
+        stages = [collect_row(config, collected), *stages]
+    paths = write_report(results, config.out / "report", settings=settings, data=data, stages=stages)
     return {"report": str(paths["json"])}
-
-
-def serve_model(config: PipelineConfig, cllm_dir: str) -> None:
-    """Deploy the CLLM and serve until interrupted."""
-    from ray import serve
-
-    from cllm.serve import ServeConfig, build_app
-
-    options = config.serve_options
-    serve_config = ServeConfig(model=cllm_dir, block_size=config.block_size, host=options.host, port=options.port,
-                               min_replicas=options.min_replicas, max_replicas=options.max_replicas,
-                               num_gpus=1.0 if config.use_gpu else 0.0)
-    serve.start(http_options={"host": options.host, "port": options.port})
-    serve.run(build_app(serve_config), name=serve_config.app_name, route_prefix=serve_config.route_prefix)
-    banner(f"serving {cllm_dir} at http://{options.host}:{options.port}/v1 (Ctrl-C to stop)")
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        serve.shutdown()

@@ -1,16 +1,14 @@
 """Ray Serve deployment: an OpenAI-compatible server that answers with exact Jacobi decoding.
 
 The request path, step by step:
-  parse      bytes -> validated OpenAI request (cllm.openai_api), refusing what greedy decoding can't honour
-  admit      tokenize, check the prompt and max_tokens against the context -> a DecodeJob; a job that
-             would fail never joins a batch
+  parse      bytes -> validated OpenAI request (`cllm.openai_api`), refusing what greedy decoding can't honour
+  admit      tokenize, check the prompt and max_tokens against the context (`cllm.serving.admit`)
   batch      `@serve.batch` gathers concurrent jobs of a replica into one list
-  decode     one batched `jacobi_generate` (or `ar_generate`) call in a worker thread; its `on_commit`
-             feeds each job's TextStream, which applies stop sequences and pushes text to streaming clients
+  decode     one batched call of `cllm.serving.BatchDecoder` in a worker thread; committed text streams out
   respond    JSON with OpenAI `usage` plus `jacobi_stats`, or Server-Sent Events ending in `data: [DONE]`
 
-`BatchDecoder` and `DecodeJob` are plain PyTorch/Python; only `JacobiServer` and `build_app` touch Ray.
-Use `import_path: cllm.serve:build_app` in a Serve config (see pipelines/serve_config.yaml).
+Only this module touches Ray Serve. Use `import_path: cllm.serve:build_app` in a Serve config
+(see configs/serve.yaml).
 """
 
 # No `from __future__ import annotations` here: FastAPI must see the real `Request` type on the route
@@ -19,39 +17,31 @@ Use `import_path: cllm.serve:build_app` in a Serve config (see pipelines/serve_c
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Literal
 
 import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 from ray import serve
 from ray.serve import metrics
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cllm.config import ConfigError, StageConfig
-from cllm.jacobi import ar_generate, eos_set, jacobi_generate
-from cllm.models import BUILTIN_MODEL, LoadedModel, context_length, format_prompt, load_model
+from cllm.decoding import DecodeFields
+from cllm.models import BUILTIN_MODEL, format_prompt, is_missing_path, load_model
 from cllm.openai_api import (
     SSE_DONE,
-    AssistantMessage,
-    ChatChoice,
-    ChatChunkChoice,
-    ChatCompletionChunk,
     ChatCompletionRequest,
-    ChatCompletionResponse,
-    ChatDelta,
-    CompletionChoice,
+    ChatReply,
+    CompletionReply,
     CompletionRequest,
-    CompletionResponse,
     JacobiStats,
     ModelCard,
     ModelList,
     OpenAIError,
-    Usage,
+    Reply,
     error_body,
     new_id,
     now,
@@ -60,6 +50,7 @@ from cllm.openai_api import (
     single_prompt,
     sse_event,
 )
+from cllm.serving import BatchDecoder, DecodeJob, Mode, admit
 from cllm.streaming import TextStream
 
 logger = logging.getLogger("ray.serve")
@@ -73,19 +64,10 @@ def default_model_path() -> str:
     return str(DEFAULT_CLLM_DIR.resolve()) if finished else BUILTIN_MODEL
 
 
-class ServeConfig(StageConfig):
-    """How to serve: which model, how to decode, how to batch and scale, where to listen."""
+class ServeOptions(BaseModel):
+    """How to batch, scale and listen; shared with the pipeline's `serve_options` section."""
 
-    model: str = Field(default_factory=default_model_path)
-    model_name: str | None = None  # the id clients send as "model"; default: the model directory's name
-    mode: Literal["jacobi", "ar"] = "jacobi"  # "ar": greedy one token per pass, the baseline
-    block_size: int = Field(16, ge=1)
-    init: Literal["prompt", "repeat", "pad", "ngram"] = "prompt"  # cllm.guesses.GUESS_STRATEGIES
-    max_iters: int | None = Field(None, ge=1)
-    seed: int = 0  # for the random initial guesses; never changes the output
-    default_max_tokens: int = Field(256, ge=1)
-    device: str = "auto"
-    dtype: str = "auto"
+    mode: Mode = "jacobi"  # "ar": greedy one token per pass, the baseline
     # batching (per replica)
     max_batch_size: int = Field(8, ge=1)
     batch_wait_timeout_s: float = Field(0.01, ge=0)
@@ -96,15 +78,14 @@ class ServeConfig(StageConfig):
     target_ongoing_requests: float = Field(8.0, gt=0)
     num_cpus: float = Field(1.0, ge=0)
     num_gpus: float | None = Field(None, ge=0)  # None: one per replica when the cluster has GPUs
-    # where the stand-alone entry point (pipelines/serve.py) listens
+    # where the HTTP proxy listens (pipelines/serve.py, the pipeline's --serve)
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     app_name: str = "cllm"
     route_prefix: str = "/"
-    ray_address: str = "local"
 
     @model_validator(mode="after")
-    def _consistent(self) -> "ServeConfig":
+    def _consistent(self):
         if self.min_replicas > self.max_replicas:
             raise ValueError(f"min_replicas ({self.min_replicas}) > max_replicas ({self.max_replicas})")
         if self.max_ongoing_requests < self.max_batch_size:
@@ -114,269 +95,20 @@ class ServeConfig(StageConfig):
             )
         return self
 
+
+class ServeConfig(StageConfig, DecodeFields, ServeOptions):
+    """How to serve: which model, how to decode (max_new_tokens: a request's default max_tokens), how to scale."""
+
+    model: str = Field(default_factory=default_model_path)
+    model_name: str | None = None  # the id clients send as "model"; default: the model directory's name
+    seed: int = 0  # for the random initial guesses; never changes the output
+    device: str = "auto"
+    dtype: str = "auto"
+    ray_address: str = "local"
+
     @property
     def served_name(self) -> str:
         return self.model_name or Path(self.model).name or self.model
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Batched decoding (plain PyTorch; runs in a worker thread of the replica)
-
-
-@dataclass
-class DecodeJob:
-    """One admitted request on its way through a batched decode (shared by event loop and decode thread)."""
-
-    prompt_ids: list[int]
-    max_tokens: int
-    text: TextStream
-    arrived: float = field(default_factory=time.perf_counter)
-    on_text: Callable[[str], None] | None = None  # streaming: receives text deltas (from the decode thread)
-    cancelled: bool = False  # the client went away: its row stops at the next commit
-    tokens: list[int] = field(default_factory=list)
-    finish_reason: Literal["stop", "length"] | None = None
-    first_token_at: float | None = None
-    forward_passes: int = 0
-    batch_size: int = 0
-    decode_seconds: float = 0.0
-    error: str | None = None
-
-    @property
-    def tokens_per_forward(self) -> float:
-        """Decoded tokens per pass this request took part in (its first token comes from prefill)."""
-        return (len(self.tokens) - 1) / self.forward_passes if self.forward_passes else 0.0
-
-    @property
-    def time_to_first_token(self) -> float | None:
-        return None if self.first_token_at is None else self.first_token_at - self.arrived
-
-
-def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded input_ids and attention_mask, the layout `generate` and `jacobi_generate` expect."""
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        input_ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
-        mask[i, width - len(r) :] = 1
-    return input_ids, mask
-
-
-def fitting_groups(jobs: list[DecodeJob], context: int | None) -> list[list[DecodeJob]]:
-    """Split a batch so each group's padded prompt + largest max_tokens fits the context.
-
-    Left padding makes every row as long as the longest prompt, so a short prompt with a large
-    max_tokens cannot share a call with a long prompt; each job alone always fits (checked at admission).
-    """
-    if context is None:
-        return [jobs]
-    groups: list[list[DecodeJob]] = []
-    for job in jobs:
-        for group in groups:
-            width = max(len(j.prompt_ids) for j in [*group, job])
-            if width + max(j.max_tokens for j in [*group, job]) <= context:
-                group.append(job)
-                break
-        else:
-            groups.append([job])
-    return groups
-
-
-class BatchDecoder:
-    """Decodes a list of jobs with one batched Jacobi (or AR) call and routes committed tokens to each job."""
-
-    def __init__(self, loaded: LoadedModel, config: ServeConfig):
-        self.model = loaded.model
-        self.tokenizer = loaded.tokenizer
-        self.config = config
-        self.context = context_length(self.model)
-        generation = self.model.generation_config
-        eos = generation.eos_token_id if generation.eos_token_id is not None else self.tokenizer.eos_token_id
-        self.eos_token_id = eos
-        self.eos_ids = eos_set(eos)
-        self.pad_id = generation.pad_token_id if generation.pad_token_id is not None else self.tokenizer.pad_token_id
-
-    def decode(self, jobs: list[DecodeJob]) -> None:
-        for group in fitting_groups(jobs, self.context):
-            self.decode_group(group)
-
-    def decode_group(self, jobs: list[DecodeJob]) -> None:
-        live = [job for job in jobs if not job.cancelled]
-        if not live:
-            return
-        input_ids, mask = left_pad([job.prompt_ids for job in live], self.pad_id)
-        device = next(self.model.parameters()).device
-        start = time.perf_counter()
-        out = self.generate(
-            input_ids.to(device), mask.to(device), [job.max_tokens for job in live], self.commit_hook(live)
-        )
-        seconds = time.perf_counter() - start
-        for row, job in enumerate(live):
-            job.forward_passes = out.row_forward_passes[row]
-            job.batch_size = len(live)
-            job.decode_seconds = seconds
-            self.finish(job)
-        logger.info(
-            "decoded batch of %d (%s): %d forward passes, %.2f tokens/forward, %d tokens, %.3fs",
-            len(live),
-            self.config.mode,
-            out.forward_passes,
-            out.tokens_per_forward,
-            sum(out.new_tokens),
-            seconds,
-        )
-
-    def generate(self, input_ids, mask, budgets: list[int], on_commit):
-        common = dict(
-            max_new_tokens=budgets,
-            eos_token_id=self.eos_token_id,
-            pad_token_id=self.pad_id,
-            on_commit=on_commit,
-        )
-        if self.config.mode == "ar":
-            return ar_generate(self.model, input_ids, mask, **common)
-        return jacobi_generate(
-            self.model,
-            input_ids,
-            mask,
-            block_size=self.config.block_size,
-            init=self.config.init,
-            max_iters=self.config.max_iters,
-            seed=self.config.seed,
-            **common,
-        )
-
-    @staticmethod
-    def commit_hook(jobs: list[DecodeJob]) -> Callable[[int, list[int]], bool]:
-        """`on_commit` for a batch: feed the row's job; True stops the row (stop sequence, client gone)."""
-
-        def on_commit(row: int, tokens: list[int]) -> bool:
-            job = jobs[row]
-            if job.cancelled:
-                return True
-            try:
-                if job.first_token_at is None:
-                    job.first_token_at = time.perf_counter()
-                job.tokens.extend(tokens)
-                delta = job.text.push(tokens)
-                if delta and job.on_text is not None:
-                    job.on_text(delta)
-                return job.text.stopped
-            except Exception as err:  # one request's failure must not end its batch-mates' decoding
-                logger.exception("request failed while streaming; stopping its row")
-                job.error = f"{type(err).__name__}: {err}"
-                return True
-
-        return on_commit
-
-    def finish(self, job: DecodeJob) -> None:
-        """Flush held-back text and name why the request ended."""
-        if job.error is not None or job.cancelled:
-            return
-        try:
-            tail = job.text.finish()
-            if tail and job.on_text is not None:
-                job.on_text(tail)
-        except Exception as err:
-            job.error = f"{type(err).__name__}: {err}"
-            return
-        ended_on_eos = bool(job.tokens) and job.tokens[-1] in self.eos_ids
-        job.finish_reason = "stop" if job.text.stopped or ended_on_eos else "length"
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Response shapes for the two routes (defined before JacobiServer: Serve ships the deployment class
-# with the module globals that exist when it is decorated)
-
-
-@dataclass
-class Reply:
-    """Builds one request's response objects: the full answer, or its stream of chunks."""
-
-    id: str
-    created: int
-    model: str
-
-    @staticmethod
-    def usage(job: DecodeJob) -> Usage:
-        n, m = len(job.prompt_ids), len(job.tokens)
-        return Usage(prompt_tokens=n, completion_tokens=m, total_tokens=n + m)
-
-    def opening(self) -> str:
-        return ""
-
-    def usage_only(self, job: DecodeJob) -> str:
-        return sse_event(
-            {
-                "id": self.id,
-                "object": self.chunk_object,
-                "created": self.created,
-                "model": self.model,
-                "choices": [],
-                "usage": self.usage(job).model_dump(),
-            }
-        )
-
-
-class CompletionReply(Reply):
-    chunk_object = "text_completion"
-
-    def full(self, job: DecodeJob, stats: JacobiStats) -> CompletionResponse:
-        return CompletionResponse(
-            id=self.id,
-            created=self.created,
-            model=self.model,
-            choices=[CompletionChoice(text=job.text.text, finish_reason=job.finish_reason)],
-            usage=self.usage(job),
-            jacobi_stats=stats,
-        )
-
-    def chunk(self, text: str, finish_reason=None, stats: JacobiStats | None = None) -> CompletionResponse:
-        return CompletionResponse(
-            id=self.id,
-            created=self.created,
-            model=self.model,
-            choices=[CompletionChoice(text=text, finish_reason=finish_reason)],
-            jacobi_stats=stats,
-        )
-
-    def delta(self, text: str) -> str:
-        return sse_event(self.chunk(text))
-
-    def closing(self, job: DecodeJob, stats: JacobiStats) -> str:
-        return sse_event(self.chunk("", job.finish_reason, stats))
-
-
-class ChatReply(Reply):
-    chunk_object = "chat.completion.chunk"
-
-    def full(self, job: DecodeJob, stats: JacobiStats) -> ChatCompletionResponse:
-        return ChatCompletionResponse(
-            id=self.id,
-            created=self.created,
-            model=self.model,
-            choices=[ChatChoice(message=AssistantMessage(content=job.text.text), finish_reason=job.finish_reason)],
-            usage=self.usage(job),
-            jacobi_stats=stats,
-        )
-
-    def chunk(self, delta: ChatDelta, finish_reason=None, stats: JacobiStats | None = None) -> ChatCompletionChunk:
-        return ChatCompletionChunk(
-            id=self.id,
-            created=self.created,
-            model=self.model,
-            choices=[ChatChunkChoice(delta=delta, finish_reason=finish_reason)],
-            jacobi_stats=stats,
-        )
-
-    def opening(self) -> str:
-        return sse_event(self.chunk(ChatDelta(role="assistant", content="")))
-
-    def delta(self, text: str) -> str:
-        return sse_event(self.chunk(ChatDelta(content=text)))
-
-    def closing(self, job: DecodeJob, stats: JacobiStats) -> str:
-        return sse_event(self.chunk(ChatDelta(), job.finish_reason, stats))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -423,7 +155,7 @@ class JacobiServer:
         self.config = ServeConfig.model_validate(config)
         loaded = load_model(self.config.model, device=self.config.device, dtype=self.config.dtype)
         self.tokenizer = loaded.tokenizer
-        self.decoder = BatchDecoder(loaded, self.config)
+        self.decoder = BatchDecoder(loaded, self.config, mode=self.config.mode, seed=self.config.seed)
         self.context = self.decoder.context
         self.vocab_size = loaded.model.get_input_embeddings().num_embeddings
         self.decode_batch.set_max_batch_size(self.config.max_batch_size)
@@ -539,27 +271,8 @@ class JacobiServer:
         return list(ids)
 
     def admit(self, prompt_ids: list[int], max_tokens: int | None, stop: list[str]) -> DecodeJob:
-        """Check a request against the context before it joins a batch, so it can never fail one."""
-        n = len(prompt_ids)
-        if n == 0:
-            raise OpenAIError("prompt is empty (it encodes to no tokens)", param="prompt")
-        room = None if self.context is None else self.context - n
-        if room is not None and room < 1:
-            raise OpenAIError(
-                f"prompt is {n} tokens; the model's context is {self.context} tokens, leaving no room to generate",
-                param="prompt",
-                code="context_length_exceeded",
-            )
-        if max_tokens is None:
-            max_tokens = self.config.default_max_tokens if room is None else min(self.config.default_max_tokens, room)
-        elif room is not None and max_tokens > room:
-            raise OpenAIError(
-                f"max_tokens {max_tokens} + prompt {n} tokens exceeds the model's context of {self.context} "
-                f"tokens (at most {room} new tokens for this prompt)",
-                param="max_tokens",
-                code="context_length_exceeded",
-            )
-        return DecodeJob(prompt_ids=prompt_ids, max_tokens=max_tokens, text=TextStream(self.tokenizer, stop))
+        return admit(prompt_ids, max_tokens, context=self.context, default_max_tokens=self.config.max_new_tokens,
+                     text=TextStream(self.tokenizer, stop))
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def decode_batch(self, jobs: list[DecodeJob]) -> list[DecodeJob]:
@@ -585,6 +298,7 @@ class JacobiServer:
         job.on_text = lambda delta: loop.call_soon_threadsafe(queue.put_nowait, delta)
         decoding = asyncio.ensure_future(self.decode_batch(job))
         decoding.add_done_callback(lambda _: queue.put_nowait(None))
+        decoding.add_done_callback(lambda future: self.note_stream_end(future, job))
 
         async def events() -> AsyncIterator[str]:
             try:
@@ -612,6 +326,15 @@ class JacobiServer:
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
+
+    @staticmethod
+    def note_stream_end(future: asyncio.Future, job: DecodeJob) -> None:
+        """Retrieve the decode's outcome, so a client that left early costs one log line, not a traceback."""
+        failure = None if future.cancelled() else future.exception()
+        if failure is not None and job.cancelled:
+            logger.info("client left a stream after %d tokens (%s)", len(job.tokens), type(failure).__name__)
+        elif failure is not None:
+            logger.warning("streamed request failed: %s: %s", type(failure).__name__, failure)
 
     def stats(self, job: DecodeJob) -> JacobiStats:
         return JacobiStats(
@@ -672,6 +395,26 @@ def deployment_options(config: ServeConfig) -> dict:
     }
 
 
+def serve_file_values(path: str | Path) -> dict:
+    """ServeConfig values from a Ray Serve config file (configs/serve.yaml): the first application's
+    `args`, its name and route prefix, and the HTTP host and port, so one file serves both entry points."""
+    from cllm.config import read_yaml
+
+    data = read_yaml(path)
+    if "applications" not in data:
+        return data  # already plain ServeConfig keys
+    apps = data.get("applications") or []
+    if not apps:
+        raise ConfigError(f"{path} lists no application")
+    app, http = apps[0], data.get("http_options") or {}
+    values = dict(app.get("args") or {})
+    for key, source in (("app_name", app.get("name")), ("route_prefix", app.get("route_prefix")),
+                        ("host", http.get("host")), ("port", http.get("port"))):
+        if source is not None:
+            values.setdefault(key, source)
+    return values
+
+
 def checked_config(args: dict | ServeConfig | None = None) -> ServeConfig:
     """A valid ServeConfig with the model path made absolute (replicas may start in another directory)."""
     if isinstance(args, ServeConfig):
@@ -684,12 +427,47 @@ def checked_config(args: dict | ServeConfig | None = None) -> ServeConfig:
     path = Path(config.model).expanduser()
     if path.exists():
         return config.model_copy(update={"model": str(path.resolve())})
-    if config.model.startswith(("/", ".", "~")) or config.model.count("/") > 1:  # a path, not a hub name
+    if is_missing_path(config.model):
         raise ConfigError(f"model path {config.model!r} does not exist")
     return config
 
 
+def ready_config(args: dict | ServeConfig | None = None) -> ServeConfig:
+    """The config replicas get: the served name fixed first, then `builtin` turned into its directory here
+    (trained once if needed), so a replica only ever loads a ready model."""
+    from cllm.teacher import resolve_model  # an entry point's job: `serve run` enters through build_app
+
+    config = checked_config(args)
+    named = config.model_copy(update={"model_name": config.served_name})
+    return checked_config(named.model_copy(update={"model": resolve_model(config.model)}))
+
+
 def build_app(args: dict | ServeConfig | None = None) -> serve.Application:
     """The Serve application (`import_path: cllm.serve:build_app`); `args` are ServeConfig fields."""
-    config = checked_config(args)
+    config = ready_config(args)
     return JacobiServer.options(**deployment_options(config)).bind(config.model_dump())
+
+
+def serve_until_stopped(config: ServeConfig) -> None:
+    """Deploy on the connected Ray cluster and block until Ctrl-C or SIGTERM; then shut Serve down."""
+    import signal
+
+    def interrupt(*_) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)  # `kill` stops it as cleanly as Ctrl-C
+    try:
+        serve.start(http_options={"host": config.host, "port": config.port})
+        serve.run(build_app(config), name=config.app_name, route_prefix=config.route_prefix)
+        base = f"http://{config.host}:{config.port}{config.route_prefix.rstrip('/')}"
+        print(
+            f"serving {config.served_name!r} ({config.mode}, block {config.block_size}) at {base}/v1 "
+            f"(health: {base}/healthz); Ctrl-C to stop",
+            flush=True,
+        )
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("stopping", flush=True)
+    finally:
+        serve.shutdown()

@@ -31,12 +31,14 @@ from filelock import FileLock
 from pydantic import Field
 
 from cllm.config import StageConfig
+from cllm.decoding import response_budget
+from cllm.models import BUILTIN_MODEL, TEACHER_METADATA, encode_prompts, is_builtin_teacher, load_model
 from cllm.tasks import accuracy, arith
 
 log = logging.getLogger(__name__)
 
 CACHE_ENV = "CLLM_HOME"
-METADATA_FILE = "teacher.json"
+METADATA_FILE = TEACHER_METADATA
 RECIPE_VERSION = 3  # bump when the task, the tokenizer or the training code changes the weights
 MAX_ANSWER_TOKENS = 160  # built-in answers are at most about 100 tokens
 
@@ -81,11 +83,10 @@ def ensure_builtin_teacher(cache_dir: str | Path | None = None, config: TeacherC
     config = config or TeacherConfig()
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     target = cache_dir / config.cache_key()
-    if is_complete(target):
-        return target
     cache_dir.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target) + ".lock"):
-        if is_complete(target):  # another process trained it while we waited
+        if is_complete(target):  # cached, or another process trained it while we waited
+            add_chat_template(target)
             return target
         log.warning("training the built-in teacher into %s (once; 1,200 steps, 10-45 minutes on 2 CPU cores)", target)
         with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".training-") as work:
@@ -95,8 +96,18 @@ def ensure_builtin_teacher(cache_dir: str | Path | None = None, config: TeacherC
     return target
 
 
+def resolve_model(name_or_path: str, config: TeacherConfig | None = None) -> str:
+    """`builtin` -> the built-in teacher's directory (trained on first use); any other reference as it is.
+
+    Only entry points and the pipeline's teacher stage call this: loading a model never trains one.
+    """
+    if name_or_path == BUILTIN_MODEL:
+        return str(ensure_builtin_teacher(config=config))
+    return name_or_path
+
+
 def is_complete(path: Path) -> bool:
-    return (path / METADATA_FILE).is_file()
+    return is_builtin_teacher(path)
 
 
 def train_teacher(config: TeacherConfig, work: Path) -> Path:
@@ -128,9 +139,22 @@ def build_tokenizer(problems: list[arith.Problem], config: TeacherConfig, direct
     from cllm.tokenizer import train_tokenizer
 
     texts = (p.prompt + p.answer for p in problems[: config.tokenizer_problems])
-    return train_tokenizer(
+    tokenizer = train_tokenizer(
         texts, directory, vocab_size=config.vocab_size, model_max_length=config.max_position_embeddings
     )
+    tokenizer.chat_template = arith.CHAT_TEMPLATE  # chat clients get the task's own prompt format
+    tokenizer.save_pretrained(str(directory))
+    return tokenizer
+
+
+def add_chat_template(model_dir: Path) -> None:
+    """Give a teacher cached before the chat template existed one (the weights do not change)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if tokenizer.chat_template is None:
+        tokenizer.chat_template = arith.CHAT_TEMPLATE
+        tokenizer.save_pretrained(str(model_dir))
 
 
 def init_model(config: TeacherConfig, tokenizer):
@@ -174,7 +198,8 @@ def run_ar_training(config: TeacherConfig, init_dir: Path, data: Path, work: Pat
     """Next-token training with the project's trainer (no consistency term) on a local Ray."""
     import ray
 
-    from cllm.train import TrainConfig, run_training
+    from cllm.train.config import TrainConfig
+    from cllm.train.driver import run_training
 
     train_config = TrainConfig(
         model=str(init_dir),
@@ -189,6 +214,7 @@ def run_ar_training(config: TeacherConfig, init_dir: Path, data: Path, work: Pat
         weight_decay=config.weight_decay,
         warmup_ratio=config.warmup_ratio,
         max_steps=config.max_steps,
+        epochs=1,
         checkpoint_every=10**6,  # only the final checkpoint: a retry retrains (minutes)
         log_every=100,
         seed=config.seed,
@@ -208,8 +234,6 @@ def run_ar_training(config: TeacherConfig, init_dir: Path, data: Path, work: Pat
 
 def generate_answers(model_dir: Path, prompts: list[str], batch_size: int) -> list[str]:
     """Greedy decoding of left-padded batches; returns the decoded continuations."""
-    from cllm.models import encode_prompts, load_model
-
     loaded = load_model(str(model_dir), device="cpu", dtype="float32")
     tokenizer, texts = loaded.tokenizer, []
     for start in range(0, len(prompts), batch_size):
@@ -219,7 +243,7 @@ def generate_answers(model_dir: Path, prompts: list[str], batch_size: int) -> li
                 input_ids,
                 attention_mask=attention_mask,
                 do_sample=False,
-                max_new_tokens=min(MAX_ANSWER_TOKENS, loaded.context_length - input_ids.shape[1]),
+                max_new_tokens=response_budget(MAX_ANSWER_TOKENS, loaded.context_length, [input_ids.shape[1]]),
                 eos_token_id=tokenizer.eos_token_id,
                 pad_token_id=tokenizer.pad_token_id,
             )

@@ -24,10 +24,10 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 
+from cllm.decoding import left_pad, response_budget
 from cllm.jacobi import jacobi_generate
-from cllm.models import format_prompt, response_budget
+from cllm.models import format_prompt
 
 TOKENS = pa.list_(pa.int32())
 TRAJECTORY_SCHEMA = pa.schema(
@@ -61,14 +61,13 @@ def plan_prompts(
     *,
     chat: bool,
     context: int | None,
-    max_new_tokens: int,
     eos_token_id: int | None,
 ) -> tuple[list[dict], dict[str, list[int]]]:
     """Prompts ready to decode ({prompt_id, input_ids, labels}) and the ids set aside, by reason.
 
     prompt_id is the record's index in the split. A prompt is too long when it leaves no room in the
-    model's context for a single new token; one that leaves less than max_new_tokens gets a shorter
-    response (`response_budget`).
+    model's context for a single new token; one that leaves less than the decoding budget gets a shorter
+    response when its batch is decoded (`response_budget`).
     """
     texts = [format_prompt(tokenizer, record["prompt"], chat=chat) for record in records]
     encoded = tokenizer(texts)["input_ids"] if texts else []
@@ -137,14 +136,6 @@ class BatchStats:
     forward_passes: int = 0
     seconds: float = 0.0
     dropped: Counter = field(default_factory=Counter)
-
-
-def left_pad(rows: Sequence[Sequence[int]], pad_token_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """`encode_prompts`' layout (left padding) for prompts that are already token ids."""
-    width = max(len(row) for row in rows)
-    input_ids = torch.tensor([[pad_token_id] * (width - len(row)) + list(row) for row in rows])
-    attention_mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows])
-    return input_ids.to(device), attention_mask.to(device)
 
 
 def batch_seed(seed: int, batch_id: int) -> int:

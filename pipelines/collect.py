@@ -3,10 +3,10 @@
     python pipelines/collect.py --dataset builtin:arith --output outputs/run1/trajectories --limit 1000
     python pipelines/collect.py --model outputs/teacher --dataset data/{split}.jsonl --output DIR \
         --block-size 16 --max-new-tokens 256 --actors 4 --batch-size 16 --num-gpus-per-actor 1
-    python pipelines/collect.py --config collect.yaml --actors 2
+    python pipelines/collect.py --config configs/collect.yaml --actors 2
 
-Keys are CollectConfig's (cllm/collect.py). Rerunning the same command after an interruption decodes
-only the prompts not yet written.
+Keys are CollectConfig's (cllm/collect.py); `--model builtin` (the default) is the built-in teacher.
+Rerunning the same command after an interruption decodes only the prompts not yet written.
 """
 
 from __future__ import annotations
@@ -18,12 +18,14 @@ import ray
 
 from cllm.collect import CollectConfig, CollectResult, plan_collection, run_collection
 from cllm.config import load_config
+from cllm.teacher import resolve_model
 
 
 def main(argv: list[str] | None = None) -> CollectResult:
     try:
         config = load_config(CollectConfig, sys.argv[1:] if argv is None else argv)
-        plan = plan_collection(config)  # bad data or model fails here, before Ray starts
+        plan = plan_collection(config, resolve_model)  # bad data or model fails here, before Ray starts
+        config = config.model_copy(update={"model": plan.model_path})
     except ValueError as err:
         sys.exit(f"error: {err}")
     ray.init(address=config.ray_address, include_dashboard=False)

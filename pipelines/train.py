@@ -1,11 +1,12 @@
 """Train a CLLM (or, with `--objective ar`, a plain next-token model) on Ray Train.
 
     python pipelines/train.py --data outputs/run1/trajectories --output-dir outputs/run1/cllm
-    python pipelines/train.py --config train.yaml --model outputs/teacher --max-steps 200
-    python pipelines/train.py --config train.yaml --strategy deepspeed --zero-stage 3 --bf16 --use-gpu
+    python pipelines/train.py --config configs/train.yaml --model outputs/teacher --max-steps 200
+    python pipelines/train.py --config configs/train.yaml --strategy deepspeed --zero-stage 3 --bf16 --use-gpu
 
-Keys are TrainConfig's (cllm/train.py). Rerunning with the same --storage-path and --run-name resumes
-from the last checkpoint; the final model lands in --output-dir as an ordinary HF directory.
+Keys are TrainConfig's (cllm/train/config.py); `--model builtin` (the default) is the built-in teacher.
+Rerunning with the same --storage-path and --run-name resumes from the last checkpoint; the final model
+lands in --output-dir as an ordinary HF directory.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ import checkout  # noqa: F401  (cllm importable here and in Ray workers, without
 import ray
 
 from cllm.config import load_config
-from cllm.train import TrainConfig, TrainResult, run_training
+from cllm.teacher import resolve_model
+from cllm.train.config import TrainConfig
+from cllm.train.driver import TrainResult, run_training
 
 
 def main(argv: list[str] | None = None) -> TrainResult:
@@ -27,7 +30,7 @@ def main(argv: list[str] | None = None) -> TrainResult:
         sys.exit(f"error: {err}")
     ray.init(address=config.ray_address, include_dashboard=False)
     try:
-        result = run_training(config)
+        result = run_training(config, resolve_model=resolve_model)
     except ValueError as err:
         sys.exit(f"error: {err}")
     finally:

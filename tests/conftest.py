@@ -1,9 +1,22 @@
-"""Shared fixtures: tiny randomly initialised causal LMs (built from a config, never downloaded) and a
-character-level tokenizer, so every test runs offline in seconds."""
+"""Shared fixtures: tiny randomly initialised causal LMs (built from a config, never downloaded), the
+character- and byte-level tokenizers, free ports, and Ray clusters of a test's own, so every test runs
+offline in seconds and no test can take another's cluster down."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
+import signal
+import socket
 import string
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -62,24 +75,90 @@ def byte_level_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def tiny_config(arch: str, vocab_size: int):
+CHAR_VOCAB = len(SPECIALS) + len(CHARS)
+BYTE_VOCAB = len(SPECIALS) + 256
+
+
+def tiny_config(arch: str, vocab_size: int, context: int = 512, width: int = 64):
     """Tiny configs; a wide init spreads the logits so fp32 argmax has no near-ties to trip on."""
     common = dict(vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=0, initializer_range=0.3)
     if arch == "llama":
-        return LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                           num_key_value_heads=2, max_position_embeddings=512, **common)
+        return LlamaConfig(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, max_position_embeddings=context, **common)
     if arch == "qwen2":
-        return Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                           num_key_value_heads=2, max_position_embeddings=512, **common)
+        return Qwen2Config(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, max_position_embeddings=context, **common)
     if arch == "gpt2":
-        return GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=512, **common)
+        return GPT2Config(n_embd=width, n_layer=2, n_head=4, n_positions=context, **common)
     raise ValueError(arch)
 
 
-def tiny_model(arch: str = "llama", seed: int = 0):
+def tiny_model(arch: str = "llama", seed: int = 0, *, vocab_size: int = CHAR_VOCAB, context: int = 512,
+               width: int = 64):
+    """A seeded random tiny causal LM in fp32, in eval mode (the char vocabulary unless told otherwise)."""
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(arch, len(SPECIALS) + len(CHARS)))
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, vocab_size, context, width))
     return model.float().eval()
+
+
+def save_model_dir(path: Path, model, tokenizer) -> Path:
+    """A model and its tokenizer as a standard Hugging Face directory (what `load_model` reads)."""
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class RayCluster:
+    """A Ray head started by `ray start` for one test: its own ports and temp dir, stopped by PID."""
+
+    address: str  # GCS address, for `ray.init(address=...)` and `--ray-address`
+    dashboard: str  # job submission address
+    temp_dir: Path
+    gcs_port: int
+
+
+def stop_cluster(temp_dir: Path, gcs_port: int) -> None:
+    """Stop only this cluster's processes (`ray stop` would stop every Ray on the machine)."""
+    markers = (str(temp_dir), f":{gcs_port} ")
+    for attempt in range(20):
+        ps = subprocess.run(["ps", "-ww", "-eo", "pid=,args="], capture_output=True, text=True).stdout.splitlines()
+        pids = [int(line.split(None, 1)[0]) for line in ps if any(m in line + " " for m in markers)]
+        pids = [pid for pid in pids if pid != os.getpid()]
+        if not pids:
+            return
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM if attempt < 5 else signal.SIGKILL)
+        time.sleep(1)
+
+
+@contextlib.contextmanager
+def ray_cluster(num_cpus: int = 2, env: dict | None = None) -> Iterator[RayCluster]:
+    """`ray start --head` on 127.0.0.1 with free ports; a process killed while connected to it cannot take
+    down the pytest process's own Ray."""
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", **(env or {})}
+    # a short temp dir: Ray's Unix socket paths under it must stay below ~107 characters
+    dashboard, gcs_port, temp_dir = free_port(), free_port(), Path(tempfile.mkdtemp(prefix="cllm-ray-"))
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    start = [ray_bin, "start", "--head", f"--port={gcs_port}", "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}",
+             "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+             f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
+             f"--dashboard-agent-grpc-port={free_port()}", f"--metrics-export-port={free_port()}",
+             f"--temp-dir={temp_dir}", "--disable-usage-stats"]
+    try:
+        started = subprocess.run(start, env=env, capture_output=True, text=True, timeout=180)
+        assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
+        yield RayCluster(f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dashboard}", temp_dir, gcs_port)
+    finally:
+        stop_cluster(temp_dir, gcs_port)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -100,10 +179,7 @@ def llama_model():
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A tiny Llama and its tokenizer saved as a standard Hugging Face model directory."""
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tiny_model("llama").save_pretrained(path)
-    char_tokenizer().save_pretrained(path)
-    return path
+    return save_model_dir(tmp_path_factory.mktemp("tiny-llama"), tiny_model("llama"), char_tokenizer())
 
 
 @pytest.fixture(scope="module")

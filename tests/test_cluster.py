@@ -371,12 +371,12 @@ def test_serve_import_path_imports_and_builds_the_application():
 
 
 def test_serve_config_matches_local_serve_config():
-    """The cluster serves the same application as pipelines/serve_config.yaml does locally.
+    """The cluster serves the same application as configs/serve.yaml does locally.
 
     The local file may be a Serve deploy config (`applications:`) or the flat `cllm.serve.ServeConfig`
     of pipelines/serve.py; either way the application's name and route must agree.
     """
-    local = yaml.safe_load((REPO / "pipelines" / "serve_config.yaml").read_text())
+    local = yaml.safe_load((REPO / "configs" / "serve.yaml").read_text())
     (app,) = serve_config(load_manifest("rayservice.yaml"))["applications"]
     if "applications" in local:
         assert _applications({"applications": [app]}) == _applications(local)

@@ -17,11 +17,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import ray_cluster
 from filelock import FileLock
 from transformers import AutoModelForCausalLM
 
-from cllm.collect import LOCK, MANIFEST, CollectConfig, data_files, plan_collection, run_collection
+from cllm.collect import CollectConfig, plan_collection, run_collection
 from cllm.config import load_config
+from cllm.decoding import response_budget
 from cllm.jacobi import jacobi_generate
 from cllm.models import ModelLoadError, encode_prompts, format_prompt, load_tokenizer
 from cllm.tasks import load_task
@@ -31,8 +33,8 @@ from cllm.trajectories import (
     batch_seed,
     clean_blocks,
     read_trajectories,
-    response_budget,
 )
+from cllm.trajectory_store import LOCK, MANIFEST, data_files
 
 REPO = Path(__file__).resolve().parents[1]
 SETTINGS = dict(dataset="builtin:arith", limit=16, batch_size=2, block_size=8, max_new_tokens=40, actors=2)
@@ -135,14 +137,17 @@ def test_killed_run_resumes_to_exactly_the_rows_of_an_uninterrupted_run(collecte
     output = tmp_path / "trajectories"
     config = reference.model_copy(update={"output": str(output)})
     args = [f"--{key.replace('_', '-')}={value}" for key, value in SETTINGS.items()]
-    with open(tmp_path / "log.txt", "w") as log:
-        proc = cli(*args, f"--model={config.model}", f"--output={output}", f"--ray-address={local_ray}",
-                   stdout=log, stderr=subprocess.STDOUT)
+    # The killed driver gets a cluster of its own: killing it cannot take down this process's Ray.
+    with ray_cluster() as cluster, open(tmp_path / "log.txt", "w") as log:
+        env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": cluster.address}
+        proc = cli(*args, f"--model={config.model}", f"--output={output}", f"--ray-address={cluster.address}",
+                   stdout=log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + 240
         while proc.poll() is None and not data_files(output) and time.monotonic() < deadline:
             time.sleep(0.05)
         proc.kill()
         proc.wait()
+        wait_until_quiet(output)
     wait_until_quiet(output)
     files = data_files(output)
     batches = len({r["batch_id"] for r in rows})

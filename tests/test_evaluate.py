@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from cllm.cli import main as cli_main
+from cllm.decoding import DecodeFields
 from cllm.evaluate import METHODS, count_forwards, evaluate_model, write_report
 from cllm.models import LoadedModel
+from cllm.trajectories import PROMPT_TOO_LONG
 
 PROMPTS = ["abc abc abc", "Hello there", "1 + 2 = "]
 
@@ -16,12 +19,8 @@ PROMPTS = ["abc abc abc", "Hello there", "1 + 2 = "]
 @pytest.fixture(scope="module")
 def results(llama_model, tokenizer):
     loaded = LoadedModel(llama_model, tokenizer, "tiny")
-
-    def exact_text(texts, answers):
-        return sum(t == a for t, a in zip(texts, answers, strict=True)) / len(answers)
-
-    return evaluate_model(loaded, PROMPTS, ["#### 1", "#### 2", "#### 3"], block_size=8, max_new_tokens=20,
-                          accuracy_fn=exact_text)
+    return evaluate_model(loaded, PROMPTS, ["#### 1", "#### 2", "#### 3"],
+                          decode=DecodeFields(block_size=8, max_new_tokens=20), metric="exact")
 
 
 def test_every_method_is_measured_and_exact(results):
@@ -30,7 +29,7 @@ def test_every_method_is_measured_and_exact(results):
     for r in results:
         assert r.prompts == 3 and r.exact == 3, r.method  # all methods reproduce greedy decoding
         assert r.new_tokens == by_method["hf_greedy"].new_tokens
-        assert r.seconds > 0 and r.accuracy == 0.0
+        assert r.seconds > 0 and r.accuracy == 0.0 and (r.metric, r.scored) == ("exact", 3)
     assert by_method["hf_greedy"].tokens_per_forward == 1.0
     assert by_method["ar"].tokens_per_forward == 1.0
     assert by_method["hf_greedy"].speedup == 1.0 and by_method["ar"].speedup_vs_ar == 1.0
@@ -54,7 +53,11 @@ def test_report_files(results, tmp_path):
     report = json.loads(paths["json"].read_text())
     assert report["settings"] == {"block_size": 8}
     assert [r["method"] for r in report["results"]] == list(METHODS)
-    assert "| tiny | jacobi |" in paths["markdown"].read_text()
+    markdown = paths["markdown"].read_text()
+    assert "| tiny | jacobi |" in markdown and "| 0.0% (0/3) | 3/3 |" in markdown
+    assert report["stages"] == [{"stage": "evaluate tiny", "split": None, "rows": 3, "set_aside": {}, "decoded": 3,
+                                 "scored": 3, "metric": "exact"}]
+    assert "| evaluate tiny |  | 3 | none | 3 | 3 (exact) |" in markdown
     for name in ("tpf", "speedup", "commit_histogram"):
         assert paths[name].read_bytes()[:4] == b"\x89PNG"
 
@@ -65,12 +68,41 @@ def test_budget_is_cut_to_the_context(llama_model, tokenizer, monkeypatch):
     short, long = "abc", "x" * 40
     room = 6
     monkeypatch.setattr(llama_model.config, "max_position_embeddings", len(tokenizer(short)["input_ids"]) + room)
-    results = evaluate_model(loaded, [short, long], methods=("ar", "jacobi"), block_size=4, max_new_tokens=20)
+    results = evaluate_model(loaded, [short, long], methods=("ar", "jacobi"),
+                             decode=DecodeFields(block_size=4, max_new_tokens=20))
     for r in results:
-        assert r.prompts == 1 and r.too_long == 1 and r.exact == 1, r.method
+        assert r.prompts == 1 and r.set_aside == {PROMPT_TOO_LONG: 1} and r.exact == 1, r.method
         assert r.new_tokens <= room
-    with pytest.raises(ValueError, match="fills the model's context"):
-        evaluate_model(loaded, [long], methods=("ar",), max_new_tokens=20)
+        assert r.metric == "none" and r.accuracy is None  # no answers: not scored
+    with pytest.raises(ValueError, match=r"no prompt can be decoded: 1 longer than the model's context \(the model's "
+                                         r"context is \d+ tokens\)"):
+        evaluate_model(loaded, [long], methods=("ar",), decode=DecodeFields(max_new_tokens=20))
+
+
+def greedy_text(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_new_tokens,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def test_each_decoded_prompt_is_scored_against_its_own_answer(llama_model, tokenizer, monkeypatch):
+    """Prompts set aside for length take their answers with them: the rest keep theirs (issue 22)."""
+    loaded = LoadedModel(llama_model, tokenizer, "tiny")
+    decode = DecodeFields(block_size=4, max_new_tokens=8)
+    prompts = ["abc", "x" * 40, "Hello", "y" * 50, "1 + 2 = "]
+    short = [prompts[0], prompts[2], prompts[4]]
+    outputs = [greedy_text(llama_model, tokenizer, p, 8) for p in short]
+    answers = [outputs[0], "no", outputs[1], "no", "wrong"]  # the last short prompt's answer is wrong on purpose
+    monkeypatch.setattr(llama_model.config, "max_position_embeddings", 30)
+    results = evaluate_model(loaded, prompts, answers, methods=("ar", "jacobi"), decode=decode, metric="exact")
+    for r in results:
+        assert (r.prompts, r.set_aside, r.scored, r.correct) == (3, {PROMPT_TOO_LONG: 2}, 3, 2), r.method
+        assert r.accuracy == pytest.approx(2 / 3)
+    none = evaluate_model(loaded, prompts, answers, methods=("ar",), decode=decode, metric="none")
+    assert all(r.accuracy is None and r.scored == 0 and r.exact == 3 for r in none)  # exactness whatever the metric
+    partial = evaluate_model(loaded, prompts, [outputs[0], None, None, None, None], methods=("ar",), decode=decode)
+    assert all((r.metric, r.scored, r.correct) == ("exact", 1, 1) for r in partial)  # only prompts with an answer
 
 
 def test_unknown_method_is_rejected(llama_model, tokenizer):
@@ -86,4 +118,6 @@ def test_cllm_bench_cli(tiny_model_dir, tmp_path, capsys):
               "--output-dir", str(tmp_path / "bench")])
     table = capsys.readouterr().out
     assert "| jacobi |" in table and "| ar |" in table and "| hf_greedy |" in table
-    assert (tmp_path / "bench" / "report.json").is_file()
+    report = json.loads((tmp_path / "bench" / "report.json").read_text())
+    assert (report["data"]["dataset"], report["data"]["metric"]) == (str(data), "numeric")  # answers carry ####
+    assert [s["decoded"] for s in report["stages"]] == [2]

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
-from cllm.feed import FEED_BLOCK_ROWS, ordered_feed
+from cllm.train.feed import FEED_BLOCK_ROWS, ordered_feed
 
 
 def records(n: int) -> list[dict]:

@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 
-from cllm.jacobi import ar_generate, jacobi_generate
+from cllm.jacobi import ar_generate, jacobi_generate, stationary_count
 from cllm.models import cache_keyword
 
 PROMPTS = ["Hello there, how are", "x", "The quick brown fox jumps over", "Jacobi!"]
@@ -169,7 +169,15 @@ def test_statistics_are_consistent(any_tiny_model, tokenizer):
     assert sum(k * v for k, v in out.commit_histogram.items()) >= sum(n - 1 for n in out.new_tokens)
     assert 1.0 <= out.tokens_per_forward <= 16
     assert max(out.row_forward_passes) == out.forward_passes
-    assert out.stationary_tokens >= 0
+    assert 0 <= out.stationary_tokens <= sum(out.new_tokens)
+
+
+def test_stationary_tokens_count_those_right_before_their_turn():
+    # position 2 is right in the first state while position 1 is still wrong: one stationary token
+    assert stationary_count([[5, 9, 7], [5, 8, 7]], [5, 8, 7]) == 1
+    # position 2 is right, then wrong again, then right when committed: it did not stay, so none
+    assert stationary_count([[5, 9, 7], [5, 9, 6]], [5, 8, 7]) == 0
+    assert stationary_count([], [5, 8, 7]) == 0
 
 
 def test_max_iters_cap_keeps_output_exact(llama_model, tokenizer):

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from conftest import tiny_model
 
 from cllm.losses import (
     IGNORE_INDEX,
@@ -21,26 +21,9 @@ from cllm.losses import (
 VOCAB, EOS, PAD = 48, 2, 0
 
 
-def tiny_llama(vocab_size: int = VOCAB, seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        bos_token_id=1,
-        eos_token_id=EOS,
-        pad_token_id=PAD,
-    )
-    return LlamaForCausalLM(config).eval()
-
-
 @pytest.fixture(scope="module")
 def model():
-    return tiny_llama()
+    return tiny_model("llama", vocab_size=VOCAB, context=256, width=32)
 
 
 def kl_direct(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:

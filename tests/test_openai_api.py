@@ -40,7 +40,8 @@ def test_a_plain_completion_request_parses():
 
 def test_greedy_settings_are_accepted():
     request = parse_request(body(model="m", prompt="hi", temperature=0, top_p=1, n=1, seed=3), CompletionRequest)
-    reject_unsupported(request)
+    reject_unsupported(request)  # raises OpenAIError if any of them were refused
+    assert (request.temperature, request.top_p, request.n, request.seed) == (0, 1, 1, 3)
 
 
 def test_chat_request_flattens_text_parts():
@@ -155,3 +156,19 @@ def test_sse_framing():
     assert event.startswith("data: ") and event.endswith("\n\n")
     assert json.loads(event[len("data: ") :]) == {"text": "中"}
     assert SSE_DONE == "data: [DONE]\n\n"
+
+
+@pytest.mark.parametrize("field, value", [("max_tokens", True), ("n", False), ("temperature", True), ("seed", "3"),
+                                          ("max_tokens", "5")])
+def test_booleans_and_strings_are_not_numbers(field, value):
+    with pytest.raises(OpenAIError, match=field) as caught:
+        parse_request(body(model="m", prompt="hi", **{field: value}), CompletionRequest)
+    assert caught.value.status == 400
+
+
+@pytest.mark.parametrize("raw", ["[" * 5000 + "]" * 5000, '{"a":' * 5000 + "1" + "}" * 5000,
+                                 '{"model": "m", "prompt": ' + "[" * 3000 + "]" * 3000 + "}"])
+def test_deeply_nested_bodies_are_a_400(raw):
+    with pytest.raises(OpenAIError, match="nested too deeply") as caught:
+        parse_request(raw.encode(), CompletionRequest)
+    assert caught.value.status == 400

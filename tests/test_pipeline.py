@@ -2,22 +2,18 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
-import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 import ray
 import yaml
+from conftest import ray_cluster
 from ray.job_submission import JobStatus, JobSubmissionClient
 
 from cllm.config import ConfigError, load_config
@@ -87,7 +83,8 @@ def test_bad_config_fails_at_start_naming_the_key(tmp_path):
 
 def test_training_recipe_follows_the_model(tmp_path):
     """Unset lr / ar_weight take the built-in teacher's recipe or the paper's; a value given is kept."""
-    from cllm.pipeline import RECIPES, train_config
+    from cllm.pipeline import train_config
+    from cllm.train.config import RECIPES
 
     builtin = train_config(load_config(PipelineConfig, [], output_dir=str(tmp_path)), "teacher-dir")
     assert (builtin.lr, builtin.ar_weight) == (RECIPES["builtin"]["lr"], RECIPES["builtin"]["ar_weight"])
@@ -103,27 +100,6 @@ def test_training_recipe_follows_the_model(tmp_path):
     assert (builtin.length_window, train_config(streamed, "teacher-dir").length_window) == (0, 8)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def stop_cluster(temp_dir: Path, gcs_port: int) -> None:
-    """Stop only this test's cluster (`ray stop` would stop every Ray on the machine)."""
-    markers = (str(temp_dir), f":{gcs_port} ")
-    for _ in range(20):
-        ps = subprocess.run(["ps", "-ww", "-eo", "pid=,args="], capture_output=True, text=True).stdout.splitlines()
-        pids = [int(line.split(None, 1)[0]) for line in ps if any(m in line + " " for m in markers)]
-        pids = [pid for pid in pids if pid != os.getpid()]
-        if not pids:
-            return
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM if _ < 5 else signal.SIGKILL)
-        time.sleep(1)
-
-
 def test_ray_job_submit_runs_the_pipeline(tmp_path, tiny_model_dir):
     data = tmp_path / "prompts.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"Add {i} and {i + 1}.", "answer": f"#### {2 * i + 1}"}) + "\n"
@@ -133,18 +109,9 @@ def test_ray_job_submit_runs_the_pipeline(tmp_path, tiny_model_dir):
                                       "output_dir": str(tmp_path / "run"), **SMALL_STAGES}))
     # Ray 2.60 enables token auth by default; this private test cluster turns it off, as the README says.
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
-    # a short temp dir: Ray's Unix socket paths under it must stay below ~107 characters
-    dashboard, gcs_port, temp_dir = free_port(), free_port(), Path(tempfile.mkdtemp(prefix="cllm-ray-"))
     ray_bin = str(Path(sys.executable).parent / "ray")
-    start = [ray_bin, "start", "--head", f"--port={gcs_port}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
-             "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-             f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
-             f"--dashboard-agent-grpc-port={free_port()}", f"--metrics-export-port={free_port()}",
-             f"--temp-dir={temp_dir}", "--disable-usage-stats"]
-    try:
-        started = subprocess.run(start, env=env, capture_output=True, text=True, timeout=180)
-        assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
-        submit = [ray_bin, "job", "submit", f"--address=http://127.0.0.1:{dashboard}", "--working-dir", str(REPO),
+    with ray_cluster(env=env) as cluster:
+        submit = [ray_bin, "job", "submit", f"--address={cluster.dashboard}", "--working-dir", str(REPO),
                   "--", "python", "pipelines/full.py", "--config", str(config)]
         started = time.time()
         for _attempt in range(6):  # the head's job agent may need a few seconds after `ray start`
@@ -155,11 +122,8 @@ def test_ray_job_submit_runs_the_pipeline(tmp_path, tiny_model_dir):
         print(job.stdout[-4000:], job.stderr[-2000:])
         assert job.returncode == 0, job.stderr[-2000:]
         job_id = re.search(r"raysubmit_\w+", job.stdout + job.stderr).group()
-        client = JobSubmissionClient(f"http://127.0.0.1:{dashboard}")
+        client = JobSubmissionClient(cluster.dashboard)
         assert client.get_job_status(job_id) == JobStatus.SUCCEEDED
         assert "4/4 evaluate" in client.get_job_logs(job_id)
         check_report(tmp_path / "run" / "report" / "report.json")
         print(f"job took {time.time() - started:.0f} s")
-    finally:
-        stop_cluster(temp_dir, gcs_port)
-        shutil.rmtree(temp_dir, ignore_errors=True)

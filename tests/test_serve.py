@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,22 +19,19 @@ import ray
 import requests
 import torch
 import yaml
-from conftest import byte_level_tokenizer
+from conftest import BYTE_VOCAB, byte_level_tokenizer, free_port, save_model_dir, tiny_model
 from ray import serve
-from transformers import AutoModelForCausalLM, LlamaConfig
 
 from cllm.config import ConfigError
+from cllm.decoding import DecodeFields, left_pad
 from cllm.models import format_prompt, load_model
 from cllm.serve import (
-    BatchDecoder,
-    DecodeJob,
     ServeConfig,
     build_app,
     default_model_path,
     deployment_options,
-    fitting_groups,
-    left_pad,
 )
+from cllm.serving import BatchDecoder, DecodeJob, fitting_groups
 from cllm.streaming import TextStream
 
 CONTEXT = 160
@@ -60,31 +56,10 @@ PROMPTS = [
 ]
 
 
-def tiny_byte_llama(seed: int = 0):
-    """A random tiny Llama over the byte-level vocabulary; a wide init keeps fp32 argmax free of near-ties."""
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=260,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=CONTEXT,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-        initializer_range=0.3,
-    )
-    return AutoModelForCausalLM.from_config(config).float().eval()
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-byte-llama")
-    tiny_byte_llama().save_pretrained(path)
-    byte_level_tokenizer().save_pretrained(path)
-    return path
+    model = tiny_model("llama", vocab_size=BYTE_VOCAB, context=CONTEXT)
+    return save_model_dir(tmp_path_factory.mktemp("tiny-byte-llama"), model, byte_level_tokenizer())
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +92,7 @@ def job_for(loaded, text: str, max_tokens: int, stop=()) -> DecodeJob:
 
 @pytest.mark.parametrize("mode", ["jacobi", "ar"])
 def test_batch_decoder_matches_greedy_generate(loaded, mode):
-    decoder = BatchDecoder(loaded, ServeConfig(model="unused", mode=mode, block_size=4))
+    decoder = BatchDecoder(loaded, DecodeFields(block_size=4), mode=mode)
     budgets = [12, 30, 5, 21]
     jobs = [job_for(loaded, p, n) for p, n in zip(PROMPTS, budgets, strict=False)]
     decoder.decode(jobs)
@@ -130,7 +105,7 @@ def test_batch_decoder_matches_greedy_generate(loaded, mode):
 
 
 def test_one_failing_or_cancelled_request_leaves_its_batch_mates_intact(loaded):
-    decoder = BatchDecoder(loaded, ServeConfig(model="unused", block_size=4))
+    decoder = BatchDecoder(loaded, DecodeFields(block_size=4))
     jobs = [job_for(loaded, p, 24) for p in PROMPTS[:4]]
 
     def broken_client(_delta):
@@ -158,7 +133,7 @@ def test_batches_that_would_overflow_the_context_are_split():
 
 
 def test_left_pad():
-    ids, mask = left_pad([[7, 8, 9], [4]], pad_id=0)
+    ids, mask = left_pad([[7, 8, 9], [4]], pad_token_id=0)
     assert ids.tolist() == [[7, 8, 9], [0, 0, 4]]
     assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
 
@@ -201,17 +176,11 @@ def test_serve_config_is_checked():
 # The entry points: Serve config file and pipelines/serve.py
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_serve_config_yaml_is_a_valid_serve_config():
-    """pipelines/serve_config.yaml passes Serve's own schema and its args are a valid ServeConfig."""
+    """configs/serve.yaml passes Serve's own schema and its args are a valid ServeConfig."""
     from ray.serve.schema import ServeDeploySchema
 
-    path = Path(__file__).resolve().parents[1] / "pipelines" / "serve_config.yaml"
+    path = Path(__file__).resolve().parents[1] / "configs" / "serve.yaml"
     schema = ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))
     (app,) = schema.applications
     assert app.import_path == "cllm.serve:build_app"

@@ -10,7 +10,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from cllm.tasks import Task, accuracy, arith, extract_answer, load_task
+from cllm.tasks import (
+    DataFields,
+    Task,
+    accuracy,
+    arith,
+    choose_metric,
+    describe_set_aside,
+    extract_answer,
+    load_task,
+    score,
+)
+from cllm.tasks.records import BLANK_PROMPT, MISSING_PROMPT, UNREADABLE_RECORD
 
 EQUATION = re.compile(r"(\d+) ([-+*]) (\d+) = (\d+)")
 OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
@@ -158,8 +169,8 @@ def test_file_errors_are_clear(tmp_path):
     with pytest.raises(ValueError, match="line 2 is not valid JSON"):
         load_task(str(bad_json))
     blank_prompt = tmp_path / "blank.jsonl"
-    blank_prompt.write_text(json.dumps({"prompt": ""}) + "\n")
-    with pytest.raises(ValueError, match="empty or non-text 'prompt'"):
+    blank_prompt.write_text(json.dumps({"prompt": ""}) + "\n" + json.dumps({"prompt": 3}) + "\n")
+    with pytest.raises(ValueError, match=r"can be read as a prompt; record 0 has a blank .prompt. \(and 1 more"):
         load_task(str(blank_prompt))
     parquet = tmp_path / "no_prompt.parquet"
     pq.write_table(pa.table({"text": ["a", "b"]}), parquet)
@@ -179,3 +190,138 @@ def test_hub_names_fail_clearly_without_a_hub():
     # No network here: either `datasets` is missing or the hub is unreachable; both are ValueErrors.
     with pytest.raises(ValueError, match="datasets|cannot load Hugging Face dataset"):
         load_task("no-such-org/no-such-dataset", "test")
+
+
+# ----- record formats: prompt/answer columns and chat conversations -----
+
+CHAT_ROWS = [
+    {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of France?"},
+                  {"role": "assistant", "content": "Paris"}]},
+    {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"},
+                       {"from": "human", "value": "2 + 2?"}, {"from": "gpt", "value": "4"}]},
+    {"messages": [{"role": "user", "content": "Tell me a joke."}]},  # no assistant turn: no answer
+    {"messages": [{"role": "user", "content": "Name a color."}, {"role": "assistant", "content": "red"}],
+     "answer": "blue"},  # an answer column wins over the last turn
+]
+
+
+def test_chat_records_split_off_the_last_assistant_turn(tmp_path):
+    path = tmp_path / "chat.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in CHAT_ROWS))
+    task = load_task(str(path))
+    assert task.answers == ["Paris", "4", None, "blue"]
+    assert task.prompts[0] == [{"role": "system", "content": "Be brief."},
+                               {"role": "user", "content": "Capital of France?"}]
+    assert task.prompts[1] == [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+                               {"role": "user", "content": "2 + 2?"}]
+    assert task.prompts[2] == [{"role": "user", "content": "Tell me a joke."}]
+    assert task.formats == {"messages": 3, "conversations": 1} and task.set_aside == {}
+    # turns in the prompt column are read the same way
+    listed = tmp_path / "listed.jsonl"
+    listed.write_text(json.dumps({"prompt": CHAT_ROWS[0]["messages"]}))
+    assert load_task(str(listed)).records == [{"prompt": task.prompts[0], "answer": "Paris"}]
+
+
+def test_unreadable_rows_are_set_aside_and_counted(tmp_path):
+    rows = [
+        {"prompt": "fine", "answer": "1"},
+        {"question": "wrong column"},
+        {"prompt": "   "},
+        {"prompt": ["not", "turns"]},
+        {"messages": [{"role": "tool", "content": "x"}, {"role": "user", "content": "q"}]},
+        {"messages": [{"role": "assistant", "content": "an answer with no question"}]},
+        [1, 2],
+        {"prompt": None},
+        {"prompt": "also fine"},
+    ]
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    task = load_task(str(path))
+    assert task.prompts == ["fine", "also fine"] and task.rows == 9
+    assert task.set_aside == {MISSING_PROMPT: [1, 7], BLANK_PROMPT: [2, 5], UNREADABLE_RECORD: [3, 4, 6]}
+    assert task.set_aside_counts == {MISSING_PROMPT: 2, BLANK_PROMPT: 2, UNREADABLE_RECORD: 3}
+    described = describe_set_aside(task.set_aside_counts)
+    assert described.startswith("2 no prompt (no such field, a null, no chat turns); 2 blank prompt; 3 unreadable")
+    assert describe_set_aside({}) == "none"
+    assert len(load_task(str(path), limit=3)) == 1  # the limit counts rows, set-aside ones included
+
+
+# ----- one file split into train and test -----
+
+
+def write_rows(path, prompts):
+    path.write_text("".join(json.dumps({"prompt": p, "answer": str(i)}) + "\n" for i, p in enumerate(prompts)))
+    return str(path)
+
+
+def test_test_fraction_splits_one_file_disjointly_and_stably(tmp_path):
+    prompts = [f"question {i}" for i in range(200)] + ["question 7", "question 7"]  # a repeated prompt
+    spec = write_rows(tmp_path / "all.jsonl", prompts)
+    train = load_task(spec, "train", test_fraction=0.1)
+    test = load_task(spec, "test", test_fraction=0.1)
+    assert not set(train.prompts) & set(test.prompts)
+    assert set(train.prompts) | set(test.prompts) == set(prompts)
+    assert len(set(test.prompts)) == 20  # a tenth of the 200 distinct prompts
+    assert len(train) + len(test) == len(prompts)  # every row is in one split, repeats together
+    assert "split by a hash of each prompt" in test.source
+    # the same on every run, and whatever the order of the rows in the file
+    assert load_task(spec, "test", test_fraction=0.1).records == test.records
+    shuffled = write_rows(tmp_path / "shuffled.jsonl", list(reversed(prompts)))
+    assert set(load_task(shuffled, "test", test_fraction=0.1).prompts) == set(test.prompts)
+    # another seed holds out other prompts; a limit takes the first rows of the split
+    assert set(load_task(spec, "test", test_fraction=0.1, split_seed=1).prompts) != set(test.prompts)
+    assert load_task(spec, "test", limit=5, test_fraction=0.1).records == test.records[:5]
+    fields = DataFields(dataset=spec, test_fraction=0.1)
+    assert fields.load_split("test").records == test.records
+
+
+def test_test_fraction_is_refused_where_it_cannot_apply(tmp_path):
+    spec = write_rows(tmp_path / "all.jsonl", ["a", "b", "c"])
+    with pytest.raises(ValueError, match="built-in task has its own"):
+        load_task("builtin:arith", "test", limit=3, test_fraction=0.1)
+    (tmp_path / "train.jsonl").write_text(json.dumps({"prompt": "x"}))
+    with pytest.raises(ValueError, match="a file for each split"):
+        load_task(str(tmp_path / "{split}.jsonl"), "train", test_fraction=0.1)
+    with pytest.raises(ValueError, match=r"splits \['train', 'test'\], not 'validation'"):
+        load_task(spec, "validation", test_fraction=0.1)
+    write_rows(tmp_path / "one.jsonl", ["same", "same"])
+    with pytest.raises(ValueError, match="at least 2 distinct prompts"):
+        load_task(str(tmp_path / "one.jsonl"), "test", test_fraction=0.5)
+    with pytest.raises(ValueError, match="test_fraction"):
+        DataFields(test_fraction=1.0)
+    assert "not split" in load_task(spec, "test").source  # the report says when one file serves both splits
+
+
+# ----- scoring chosen per dataset -----
+
+
+def test_score_counts_only_predictions_with_a_reference():
+    predictions = ["#### 7", " Paris \n", "anything", "#### 3"]
+    references = ["7", "Paris", None, "#### 4"]
+    assert score("numeric", predictions, references) == (1, 3)
+    assert score("exact", predictions, references) == (1, 3)  # whitespace-trimmed equality
+    assert score("none", predictions, references) == (0, 0)
+    with pytest.raises(ValueError, match="unknown metric"):
+        score("bleu", predictions, references)
+    with pytest.raises(ValueError, match="2 predictions for 4 references"):
+        score("exact", predictions[:2], references)
+
+
+def test_auto_metric_follows_the_answers():
+    assert choose_metric("auto", ["x"], builtin=True)[0] == "numeric"
+    assert choose_metric("auto", ["step\n#### 4", None, "#### 5"])[0] == "numeric"
+    assert choose_metric("auto", ["#### 4", "Paris"]) == (
+        "exact", "auto: the answers are free text (no '####'), compared whole after trimming whitespace")
+    assert choose_metric("auto", [None, None])[0] == "none"
+    assert choose_metric("exact", ["#### 4"])[0] == "exact"
+    assert choose_metric("none", ["#### 4"])[0] == "none"
+    with pytest.raises(ValueError, match="metric 'numeric' needs reference answers"):
+        choose_metric("numeric", [None])
+
+
+def test_builtin_task_scores_as_before():
+    task = load_task("builtin:arith", "test", limit=30, seed=1)
+    assert task.metric() == ("numeric", "auto: the built-in task's answers end with '#### <number>'")
+    predictions = [a if i % 3 else "#### -1" for i, a in enumerate(task.answers)]
+    correct, scored = score("numeric", predictions, task.answers)
+    assert scored == 30 and correct / scored == task.accuracy(predictions) == pytest.approx(20 / 30)

@@ -111,7 +111,7 @@ TOY = dict(
 @pytest.mark.slow
 def test_toy_teacher_is_trained_once_cached_and_loads_like_a_hub_model(tmp_path):
     from cllm.jacobi import ar_generate
-    from cllm.models import encode_prompts, load_model
+    from cllm.models import encode_prompts, format_prompt, load_model
 
     config = TeacherConfig(**TOY)
     path = ensure_builtin_teacher(tmp_path, config)
@@ -128,6 +128,8 @@ def test_toy_teacher_is_trained_once_cached_and_loads_like_a_hub_model(tmp_path)
     assert (path / "model.safetensors").stat().st_mtime_ns == stamp
 
     loaded = load_model(str(path))
+    chat = format_prompt(loaded.tokenizer, [{"role": "user", "content": "Mia has 3 apples."}], chat=True)
+    assert chat == arith.format_prompt("Mia has 3 apples.")  # chat clients get the task's prompt format
     assert loaded.model.config.model_type == "llama"
     prompts = [p.prompt for p in arith.generate(2, "test")]
     input_ids, attention_mask = encode_prompts(loaded.tokenizer, prompts)
@@ -151,3 +153,19 @@ def test_toy_teacher_is_trained_once_cached_and_loads_like_a_hub_model(tmp_path)
     waiter.join(timeout=30)
     assert results == [target]
     assert (target / "model.safetensors").stat().st_mtime_ns == (path / "model.safetensors").stat().st_mtime_ns
+
+
+def test_a_teacher_cached_without_a_chat_template_gets_one(tmp_path, tiny_model_dir):
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from cllm.teacher import add_chat_template
+
+    model_dir = shutil.copytree(tiny_model_dir, tmp_path / "teacher")
+    (model_dir / "chat_template.jinja").unlink()  # where transformers 5 keeps a tokenizer's template
+    assert AutoTokenizer.from_pretrained(model_dir).chat_template is None
+    weights = (model_dir / "model.safetensors").read_bytes()
+    add_chat_template(model_dir)
+    assert AutoTokenizer.from_pretrained(model_dir).chat_template == arith.CHAT_TEMPLATE
+    assert (model_dir / "model.safetensors").read_bytes() == weights

@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from cllm.decoding import left_pad, response_budget
 from cllm.jacobi import jacobi_generate
 from cllm.models import encode_prompts
 from cllm.trajectories import (
@@ -24,14 +25,12 @@ from cllm.trajectories import (
     clean_blocks,
     decode_batch,
     drop_reason,
-    left_pad,
     longest_run,
     plan_batches,
     plan_prompts,
     read_trajectories,
     records_to_table,
     repeats_earlier_ngram,
-    response_budget,
 )
 
 EOS, PAD = 2, 0
@@ -115,7 +114,7 @@ def test_augment_record_is_seeded_by_the_block_and_leaves_the_input_alone():
 
 def test_plan_prompts_sets_aside_prompts_that_fill_the_context(tokenizer):
     records = [{"prompt": "1 + 1 =", "answer": "2"}, {"prompt": "x" * 40, "answer": None}, {"prompt": "ab"}]
-    prompts, dropped = plan_prompts(records, tokenizer, chat=False, context=40, max_new_tokens=16, eos_token_id=EOS)
+    prompts, dropped = plan_prompts(records, tokenizer, chat=False, context=40, eos_token_id=EOS)
     assert dropped == {PROMPT_TOO_LONG: [1]}
     assert [p["prompt_id"] for p in prompts] == [0, 2]
     assert prompts[0]["input_ids"] == tokenizer("1 + 1 =")["input_ids"]
@@ -124,7 +123,7 @@ def test_plan_prompts_sets_aside_prompts_that_fill_the_context(tokenizer):
 
 
 def test_plan_prompts_applies_the_chat_template(tokenizer):
-    prompts, _ = plan_prompts([{"prompt": "hi"}], tokenizer, chat=True, context=None, max_new_tokens=8,
+    prompts, _ = plan_prompts([{"prompt": "hi"}], tokenizer, chat=True, context=None,
                               eos_token_id=EOS)
     assert tokenizer.decode(prompts[0]["input_ids"]) == "<s>user: hi\nassistant: "
 

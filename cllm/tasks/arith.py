@@ -50,6 +50,16 @@ def format_prompt(question: str) -> str:
     return f"Question: {question}\nAnswer:"
 
 
+# The built-in teacher's chat template: each user turn framed as format_prompt frames a question, each
+# assistant turn as its answer; system turns carry no meaning for this task and are left out.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m['role'] == 'user' %}Question: {{ m['content'] }}\nAnswer:"
+    "{% elif m['role'] == 'assistant' %} {{ m['content'] }}\n{% endif %}"
+    "{% endfor %}"
+)
+
+
 def event_find(rng: random.Random, count: int, who: tuple, friend: str, items: str):
     name, pron, _ = who
     gain = rng.randint(2, min(49, MAX_COUNT - count))

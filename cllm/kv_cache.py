@@ -1,0 +1,180 @@
+"""The KV cache and attention masks behind exact Jacobi decoding, and the check that a model fits them.
+
+Jacobi decoding rolls the cache back after every pass (`crop`) and leaves masked holes where a row of the
+batch committed fewer tokens than another, so it needs every attention layer to keep one key and value per
+token, and every token to see exactly the keys greedy decoding would show it.
+
+Full attention: the 2-D padding mask over the cache plus the window is enough; transformers adds causality
+by index, which within a row is also causality by position, holes excluded.
+
+Sliding-window attention (Mistral, Gemma 2/3, ...): transformers' sliding cache layers drop old tokens and
+cannot be cropped, and its window is counted in cache indices, which holes make differ from positions. So
+every layer keeps every token here, and the 4-D masks are built from each row's real positions: a query at
+position q sees a key at position k when k <= q and q - k < sliding_window (transformers' convention: the
+window holds the query itself and the sliding_window - 1 tokens before it, for Gemma as for Mistral).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer, get_layer_types_and_kwargs
+
+ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
+NO_CACHE_LAYER_TYPES = ("dummy",)  # attention-free layers, and layers reading another layer's KV
+RECURRENT_LAYER_TYPES = ("linear_attention", "conv", "hybrid", "hybrid_sliding")
+EXPLICIT_MASK_IMPLEMENTATIONS = ("eager", "sdpa")  # those that take a ready 4-D mask as it is
+
+
+@dataclass(frozen=True)
+class AttentionLayout:
+    """What the masks must look like for one model: its layers' attention kinds and its window."""
+
+    layer_types: tuple[str, ...]
+    sliding_window: int | None  # None when no layer slides
+    implementation: str
+    dtype: torch.dtype
+
+    @property
+    def slides(self) -> bool:
+        return self.sliding_window is not None
+
+    @property
+    def mixed(self) -> bool:
+        return len(set(self.layer_types) & set(ATTENTION_LAYER_TYPES)) > 1
+
+
+# Families that pass the structural checks below yet decode wrongly through this engine (found by running
+# every causal-LM family of transformers 5.24 against generate), and why.
+INEXACT_FAMILIES = {
+    "git": "it keeps image tokens in the cache, and its text-only padding mask is widened over them",
+    "gpt_neo": "its local-attention layers count their window in cache slots, which the cache's holes shift",
+    "moshi": "its sliding window comes only from truncating the cache (its masks are plain causal), so its "
+             "greedy output depends on how the cache is filled",
+    "xlm": "its cache is a dict of its own, not a per-token transformers Cache",
+}
+# Families whose forward takes no position_ids yet numbers tokens from the attention mask (ALiBi over the
+# mask's cumulative sum), which skips the cache's holes as position ids would.
+POSITIONS_FROM_MASK = ("bloom",)
+
+
+@functools.cache
+def forward_parameters(model_class: type) -> frozenset[str]:
+    return frozenset(inspect.signature(model_class.forward).parameters)
+
+
+def refuse(model, reason: str) -> ValueError:
+    family = getattr(model.config, "model_type", None) or "unknown"
+    return ValueError(f"{type(model).__name__} ({family}) cannot be decoded exactly by Jacobi decoding: {reason}")
+
+
+def unsupported_reason(model) -> str | None:
+    """Why the model's cache, positions or causality rule exact Jacobi decoding out; None when they do not."""
+    config = model.config
+    family = getattr(config, "model_type", None)
+    if family in INEXACT_FAMILIES:
+        return INEXACT_FAMILIES[family]
+    if getattr(config, "is_encoder_decoder", False):
+        return "it is an encoder-decoder model; only decoder-only causal LMs are supported"
+    if getattr(model, "_is_stateful", False):
+        return ("it keeps a recurrent state (state-space, linear-attention or RNN layers) instead of a per-token "
+                "KV cache, so a pass cannot be rolled back to the last committed token")
+    supports_dynamic = getattr(model, "_supports_default_dynamic_cache", None)
+    parameters = forward_parameters(type(model))
+    if supports_dynamic is None or not supports_dynamic() or not {"cache", "past_key_values"} & set(parameters):
+        return "it does not take transformers' per-token KV cache (DynamicCache)"
+    if "position_ids" not in parameters and family not in POSITIONS_FROM_MASK:
+        return ("its forward takes no position_ids, so it numbers tokens by cache slot, and the holes Jacobi "
+                "decoding leaves in the cache would shift them")
+    text_config = config.get_text_config(decoder=True)
+    if getattr(text_config, "is_causal", True) is False or getattr(text_config, "use_bidirectional_attention", False):
+        return "its attention is bidirectional, so it is not an autoregressive LM"
+    if getattr(text_config, "is_decoder", None) is False and hasattr(text_config, "add_cross_attention"):
+        return "it is an encoder (BERT-like) whose attention is bidirectional unless its config sets is_decoder=True"
+    bidirectional = sorted({type(module).__name__ for module in model.modules()
+                            if getattr(module, "is_causal", None) is False
+                            and not getattr(module, "is_cross_attention", False)})
+    if bidirectional:
+        return f"its {', '.join(bidirectional)} attention is bidirectional (is_causal=False)"
+    return None
+
+
+def check_supported(model) -> AttentionLayout:
+    """The model's attention layout, or a ValueError naming the family and why its output would not be exact."""
+    reason = unsupported_reason(model)
+    if reason is not None:
+        raise refuse(model, reason)
+    try:
+        layer_types, layer_kwargs = get_layer_types_and_kwargs(model.config.get_text_config(decoder=True))
+    except (AttributeError, KeyError, TypeError) as err:
+        raise refuse(model, f"transformers cannot tell its per-layer attention layout ({err})") from err
+    for layer_type in dict.fromkeys(layer_types):
+        if layer_type in RECURRENT_LAYER_TYPES:
+            raise refuse(model, f"its {layer_type!r} layers keep a recurrent state instead of a per-token KV cache, "
+                                "so a pass cannot be rolled back to the last committed token")
+        if layer_type not in ATTENTION_LAYER_TYPES + NO_CACHE_LAYER_TYPES:
+            raise refuse(model, f"its {layer_type!r} layers have no exact Jacobi attention mask here "
+                                "(supported: full and sliding-window attention)")
+    windows = {kwargs["sliding_window"] for kwargs in layer_kwargs if "sliding_window" in kwargs}
+    if len(windows) > 1:
+        raise refuse(model, f"its layers use different sliding windows {sorted(windows)}")
+    window = windows.pop() if windows else None
+    implementation = model.config._attn_implementation
+    if window is not None and implementation not in EXPLICIT_MASK_IMPLEMENTATIONS:
+        raise refuse(model, f"its sliding window needs explicit 4-D masks, which the {implementation!r} attention "
+                            f"implementation does not take; load it with attn_implementation='sdpa' or 'eager'")
+    return AttentionLayout(tuple(layer_types), window, implementation, model.dtype)
+
+
+def new_cache(model) -> DynamicCache:
+    """An empty cache whose attention layers all keep every token, so `crop` can always roll a pass back.
+
+    Sliding-window layers become full layers: the window is applied by the mask instead.
+    """
+    cache = DynamicCache(config=model.config)
+    cache.layers = [DynamicLayer() if isinstance(layer, DynamicSlidingWindowLayer) else layer for layer in cache.layers]
+    return cache
+
+
+def visible_keys(key_mask: torch.Tensor, query_positions: torch.Tensor, window: int | None) -> torch.Tensor:
+    """[batch, queries, keys]: which keys each query attends to, decided by positions, never by cache index.
+
+    `key_mask` [batch, keys] marks the real tokens among cache + new slots (holes and padding are False); the
+    real tokens of a row hold positions 0, 1, 2, ... in cache order, so a key's position is its rank.
+    """
+    key_positions = key_mask.long().cumsum(-1) - 1
+    distance = query_positions[:, :, None] - key_positions[:, None, :]
+    visible = key_mask[:, None, :] & (distance >= 0)
+    if window is not None:
+        visible &= distance < window
+    return visible
+
+
+def as_attention_mask(visible: torch.Tensor, layout: AttentionLayout) -> torch.Tensor:
+    """The 4-D form the attention implementation takes: boolean for sdpa, additive for eager."""
+    visible = visible[:, None]
+    if layout.implementation == "sdpa":
+        return visible
+    blocked = torch.finfo(layout.dtype).min
+    return torch.where(visible, torch.zeros((), dtype=layout.dtype, device=visible.device), blocked)
+
+
+def forward_mask(
+    layout: AttentionLayout, key_mask: torch.Tensor, query_positions: torch.Tensor
+) -> torch.Tensor | dict[str, torch.Tensor]:
+    """The `attention_mask` argument of one forward pass over new tokens at `query_positions`.
+
+    Without a sliding window, the 2-D key mask as is; with one, ready 4-D masks (one per layer type when
+    full and sliding layers mix, which is how transformers' mixed-layer models take them).
+    """
+    if not layout.slides:
+        return key_mask
+    sliding = as_attention_mask(visible_keys(key_mask, query_positions, layout.sliding_window), layout)
+    if not layout.mixed:
+        return sliding
+    full = as_attention_mask(visible_keys(key_mask, query_positions, None), layout)
+    return {"full_attention": full, "sliding_attention": sliding}

@@ -1,0 +1,109 @@
+"""What a training run needs, declared once: the pipeline's `train` section is `TrainOptions` itself."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, model_validator
+
+from cllm.config import StageConfig
+from cllm.models import BUILTIN_MODEL, is_builtin_teacher
+
+# Consistency-training defaults per kind of model. The built-in 1.8M-parameter teacher needs a large
+# lr, and at the paper's w = 10 it lost 8 points of accuracy (81% vs 89%, TPF 2.82); w = 20 over two
+# epochs of 1500 prompts gave TPF 3.06 at 90% (measured, docs/results.md). Real models get the paper's.
+RECIPES = {"builtin": {"lr": 1.5e-3, "ar_weight": 20.0}, "model": {"lr": 2e-5, "ar_weight": 10.0}}
+Recipe = Literal["builtin", "model"]
+
+
+class TrainOptions(BaseModel):
+    """The knobs of a run (not what it reads or writes); lr and ar_weight left unset take the model's recipe."""
+
+    consistency: Literal["global", "local"] = "global"
+    ar_weight: float | None = Field(None, ge=0)  # w in L = L_consistency + w * L_AR
+    ar_source: Literal["teacher", "labels"] = "labels"  # ground truth where a record has it, else teacher
+    mask_prompt: bool = True  # no AR loss on prompt tokens
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    max_seq_len: int | None = Field(None, ge=1)  # default: the model's context length
+
+    num_workers: int = Field(2, ge=1)
+    cpus_per_worker: float = Field(0.5, gt=0)  # < 1 leaves CPU for Ray Data on small machines
+    strategy: Literal["ddp", "deepspeed"] = "ddp"
+    zero_stage: int = Field(2, ge=0, le=3)
+    bf16: bool = False  # left unset: on with GPUs
+
+    batch_size: int = Field(16, ge=1)  # per worker
+    lr: float | None = Field(None, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    grad_clip: float = Field(1.0, ge=0)  # 0 disables clipping
+    epochs: int = Field(2, ge=1)
+    max_steps: int | None = Field(None, ge=1)  # overrides epochs
+    shuffle_buffer: int = Field(256, ge=0)  # Ray Data local shuffle; 0 keeps file order
+    length_window: int = Field(0, ge=0)  # batches of similar length cut from this many (less padding); 0: off
+    ordered_feed: bool = True  # same records to the same worker in the same order every run (reproducible)
+    checkpoint_every: int = Field(100, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    max_failures: int = Field(1, ge=-1)
+    log_every: int = Field(10, ge=1)
+
+
+class TrainConfig(StageConfig, TrainOptions):
+    """One run: the options plus what it starts from, reads and writes; the same config drives AR training."""
+
+    model: str = BUILTIN_MODEL  # HF dir or name to start from ("builtin": resolved by the entry point)
+    data: str  # Parquet file or directory of records
+    output_dir: str  # the trained model, as a standard HF directory
+    storage_path: str | None = None  # Ray Train checkpoints; default <output_dir>/../ray_train
+    run_name: str = "cllm-train"  # same storage_path + run_name => resume
+    ray_address: str | None = None  # CLI only: None joins RAY_ADDRESS / a running cluster, "local" starts one
+    objective: Literal["consistency", "ar"] = "consistency"  # "ar": plain next-token training
+    recipe: Recipe | None = None  # which RECIPES entry fills lr/ar_weight; None: from the model
+    use_gpu: bool = False
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def fill_defaults(self) -> TrainConfig:
+        if self.storage_path is None:
+            self.storage_path = str(Path(self.output_dir).resolve().parent / "ray_train")
+        elif "://" not in self.storage_path:
+            self.storage_path = str(Path(self.storage_path).resolve())
+        if self.recipe is None:
+            builtin = self.model == BUILTIN_MODEL or is_builtin_teacher(self.model)
+            self.recipe = "builtin" if builtin else "model"
+        for key, value in RECIPES[self.recipe].items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
+        if "bf16" not in self.model_fields_set:
+            self.bf16 = self.use_gpu
+        return self
+
+
+@dataclass
+class StepPlan:
+    """How many optimizer steps the run takes; identical on every worker (equal data shards)."""
+
+    records: int
+    steps_per_epoch: int
+    total_steps: int
+    epochs: int
+    warmup_steps: int
+
+
+def plan_steps(records: int, config: TrainConfig) -> StepPlan:
+    """Ray Train splits the data equally, so every worker sees records // num_workers rows per epoch."""
+    per_worker = records // config.num_workers
+    if per_worker == 0:
+        raise ValueError(f"{records} records cannot feed {config.num_workers} workers")
+    steps_per_epoch = math.ceil(per_worker / config.batch_size)
+    total = config.max_steps or config.epochs * steps_per_epoch
+    return StepPlan(
+        records=records,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total,
+        epochs=math.ceil(total / steps_per_epoch),
+        warmup_steps=math.ceil(config.warmup_ratio * total),
+    )

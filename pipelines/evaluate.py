@@ -1,0 +1,28 @@
+"""Compare decoding methods side by side on held-out prompts (what `cllm bench` runs).
+
+    python pipelines/evaluate.py --models builtin --models outputs/default/cllm --limit 300 --output-dir report
+    python pipelines/evaluate.py --config configs/bench.yaml
+
+Keys are BenchConfig's (cllm/cli.py): the models, the data, the decoding settings and the methods.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import checkout  # noqa: F401  (cllm importable here and in Ray workers, without installing)
+
+from cllm.cli import BenchConfig, bench
+from cllm.config import load_config
+
+
+def main(argv: list[str] | None = None) -> list:
+    try:
+        config = load_config(BenchConfig, sys.argv[1:] if argv is None else argv)
+    except ValueError as err:
+        sys.exit(f"error: {err}")
+    return bench(config)
+
+
+if __name__ == "__main__":
+    main()

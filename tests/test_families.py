@@ -1,0 +1,170 @@
+"""Every decoder-only family decodes exactly (equal to `generate(do_sample=False)` token for token), or is
+refused up front. One tiny randomly initialised fp32 model per family, built from its config class.
+
+The sliding-window cases use a window of 8 under a block of 16 and 48 new tokens, so every row runs far past
+its window, and a batch of two left-padded prompts of different lengths, so the cache fills with holes.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from transformers import AutoModelForCausalLM
+
+from cllm.jacobi import ar_generate, jacobi_generate
+from cllm.kv_cache import check_supported, visible_keys
+
+VOCAB = 160
+WINDOW = 8
+BLOCK = 16
+MAX_NEW = 48
+SIZES = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             max_position_embeddings=256)
+# untied: a tiny Gemma with tied, sqrt(hidden)-scaled embeddings repeats one token forever
+GEMMA = dict(head_dim=8, query_pre_attn_scalar=8, sliding_window=WINDOW, tie_word_embeddings=False,
+             layer_types=["sliding_attention", "full_attention"])
+MIXED = dict(sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"])
+MOE = dict(num_local_experts=4, num_experts_per_tok=2)
+
+# family -> (config class, config arguments); SIZES apply unless the class names sizes its own way
+FAMILIES = {
+    "llama": ("LlamaConfig", SIZES),
+    "mistral": ("MistralConfig", dict(SIZES, sliding_window=WINDOW)),
+    "mixtral": ("MixtralConfig", dict(SIZES, sliding_window=WINDOW, **MOE)),
+    "qwen2": ("Qwen2Config", SIZES),
+    "qwen2-sliding": ("Qwen2Config", dict(SIZES, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1)),
+    "qwen3": ("Qwen3Config", dict(SIZES, head_dim=8)),
+    "qwen3-moe": ("Qwen3MoeConfig", dict(SIZES, head_dim=8, num_experts=4, num_experts_per_tok=2,
+                                          moe_intermediate_size=32, use_sliding_window=True, sliding_window=WINDOW)),
+    "gemma2": ("Gemma2Config", dict(SIZES, **GEMMA)),
+    "gemma3": ("Gemma3TextConfig", dict(SIZES, **GEMMA)),
+    "phi3": ("Phi3Config", dict(SIZES, sliding_window=WINDOW)),
+    "olmo2": ("Olmo2Config", SIZES),
+    "granite": ("GraniteConfig", SIZES),
+    "smollm3": ("SmolLM3Config", dict(SIZES, no_rope_layers=[1, 0])),
+    "ministral": ("MinistralConfig", dict(SIZES, head_dim=8, sliding_window=WINDOW)),
+    "cohere2": ("Cohere2Config", dict(SIZES, **MIXED)),
+    "olmo3": ("Olmo3Config", dict(SIZES, **MIXED)),
+    "gpt-oss": ("GptOssConfig", dict(SIZES, head_dim=8, num_local_experts=4, num_experts_per_tok=2, **MIXED)),
+    "gpt-neox": ("GPTNeoXConfig", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                       max_position_embeddings=256)),
+    "opt": ("OPTConfig", dict(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+                              word_embed_proj_dim=32, max_position_embeddings=256)),
+    "gpt2": ("GPT2Config", dict(n_embd=32, n_layer=2, n_head=4, n_positions=256)),
+}
+
+
+def tiny_family_model(config_class: str, arguments: dict, seed: int = 0):
+    """A tiny fp32 model of the family; a wide init spreads the logits, so argmax has no near-ties."""
+    config_type = getattr(transformers, config_class, None)
+    if config_type is None:
+        pytest.skip(f"{config_class} is not in the installed transformers {transformers.__version__}")
+    config = config_type(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0, initializer_range=0.3,
+                         **arguments)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config).float().eval()
+
+
+def left_padded_prompts(lengths=(11, 6), seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    input_ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    for row, length in enumerate(lengths):
+        input_ids[row, width - length:] = torch.randint(3, VOCAB, (length,), generator=generator)
+        mask[row, width - length:] = 1
+    return input_ids, mask
+
+
+def greedy(model, input_ids, mask, eos_token_id):
+    return model.generate(input_ids, attention_mask=mask, do_sample=False, max_new_tokens=MAX_NEW,
+                          eos_token_id=eos_token_id, pad_token_id=0)
+
+
+def eos_inside_a_block(generated: torch.Tensor) -> tuple[int, int]:
+    """(row, token): a token that greedy decoding emits in that row past the window, strictly inside a Jacobi
+    block, and that no row emits earlier (so no row stops before it has run past the window)."""
+    for row, tokens in enumerate(generated.tolist()):
+        for position, token in enumerate(tokens):
+            early = {t for other in generated.tolist() for t in other[:position]}
+            if position > WINDOW and token not in early and position % BLOCK not in (0, BLOCK - 1):
+                return row, token
+    pytest.fail("greedy output repeats itself too early to pick a mid-block EOS")
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_family_decodes_exactly(family):
+    model = tiny_family_model(*FAMILIES[family])
+    input_ids, mask = left_padded_prompts()
+    expected = greedy(model, input_ids, mask, eos_token_id=None)
+    for block_size, init in ((BLOCK, "prompt"), (WINDOW - 3, "pad")):  # blocks longer and shorter than the window
+        out = jacobi_generate(model, input_ids, mask, max_new_tokens=MAX_NEW, block_size=block_size, init=init,
+                              eos_token_id=None, pad_token_id=0)
+        assert torch.equal(out.sequences, expected), (family, block_size)
+        assert out.new_tokens == [MAX_NEW, MAX_NEW]
+
+    row, eos = eos_inside_a_block(expected[:, input_ids.shape[1]:])
+    expected = greedy(model, input_ids, mask, eos_token_id=eos)
+    for generate, kwargs in ((jacobi_generate, dict(block_size=BLOCK, init="ngram")), (ar_generate, {})):
+        out = generate(model, input_ids, mask, max_new_tokens=MAX_NEW, eos_token_id=eos, pad_token_id=0, **kwargs)
+        assert torch.equal(out.sequences, expected), (family, generate.__name__)
+        assert out.new_tokens[row] < MAX_NEW  # the row stopped at its EOS
+
+
+def test_sliding_window_counts_positions_not_cache_slots():
+    """Row 0 has a hole (slot 2) and row 1 left padding (slot 0): positions skip both, and a query at
+    position q sees positions q - window + 1 .. q, itself included (transformers' convention)."""
+    key_mask = torch.tensor([[1, 1, 0, 1, 1, 1], [0, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    queries = torch.tensor([[4], [4]])
+    assert visible_keys(key_mask, queries, window=None)[:, 0].tolist() == [
+        [True, True, False, True, True, True], [False, True, True, True, True, True]]
+    assert visible_keys(key_mask, queries, window=3)[:, 0].tolist() == [
+        [False, False, False, True, True, True], [False, False, False, True, True, True]]
+    assert visible_keys(key_mask, torch.tensor([[2], [2]]), window=3)[:, 0].tolist() == [
+        [True, True, False, True, False, False], [False, True, True, True, False, False]]
+
+
+REFUSED = {
+    "mamba": ("MambaConfig", dict(hidden_size=32, state_size=4, num_hidden_layers=2), "recurrent state"),
+    "rwkv": ("RwkvConfig", dict(hidden_size=32, attention_hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                context_length=256), "recurrent state"),
+    "mpt": ("MptConfig", dict(d_model=32, n_heads=4, n_layers=2, max_seq_len=256), "no position_ids"),
+    "gpt-neo": ("GPTNeoConfig", dict(hidden_size=32, num_layers=2, num_heads=4, window_size=WINDOW,
+                                     attention_types=[[["global", "local"], 1]], max_position_embeddings=256),
+                "window in cache slots"),
+    "bert": ("BertConfig", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4),
+             "bidirectional"),
+}
+
+
+@pytest.mark.parametrize("family", list(REFUSED))
+def test_family_that_cannot_decode_exactly_is_refused(family):
+    """Recurrent state (Mamba, RWKV), positions or windows counted by cache slot (MPT's ALiBi, GPT-Neo's local
+    layers), bidirectional attention (BERT without is_decoder): each is refused up front with family and reason."""
+    config_class, arguments, reason = REFUSED[family]
+    model = tiny_family_model(config_class, arguments)
+    input_ids, mask = left_padded_prompts()
+    with pytest.raises(ValueError, match=f"\\({model.config.model_type}\\).*{reason}"):
+        jacobi_generate(model, input_ids, mask, max_new_tokens=4)
+    with pytest.raises(ValueError, match=reason):
+        ar_generate(model, input_ids, mask, max_new_tokens=4)
+
+
+def test_layer_kinds_without_an_exact_mask_are_refused():
+    """Chunked attention (Llama 4), bidirectional attention, and a sliding window under an attention kernel that
+    takes no 4-D mask are refused by name, before any decoding."""
+    model = tiny_family_model("MistralConfig", dict(SIZES, sliding_window=WINDOW))
+    assert check_supported(model).sliding_window == WINDOW
+    model.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(ValueError, match=r"\(mistral\).*'flash_attention_2'"):
+        check_supported(model)
+    model.config._attn_implementation = "sdpa"
+    model.config.sliding_window = None
+    model.config.attention_chunk_size = WINDOW
+    with pytest.raises(ValueError, match=r"\(mistral\).*'chunked_attention'"):
+        check_supported(model)
+    model.config.attention_chunk_size = None
+    model.config.is_causal = False
+    with pytest.raises(ValueError, match="bidirectional"):
+        check_supported(model)

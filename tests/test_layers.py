@@ -1,0 +1,120 @@
+"""The package's layers point one way: the algorithm imports neither Ray nor a stage; nothing imports in a loop."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "cllm"
+
+# The Ray-free algorithm: decoding, guesses, losses, batching of records, trajectories, streaming text,
+# the OpenAI wire format, the request/decode layer of the server, model loading, datasets, configs.
+ALGORITHM = (
+    "cllm.config", "cllm.decoding", "cllm.guesses", "cllm.kv_cache", "cllm.jacobi", "cllm.losses", "cllm.data",
+    "cllm.models", "cllm.tokenizer", "cllm.trajectories", "cllm.trajectory_store", "cllm.streaming",
+    "cllm.openai_api", "cllm.serving", "cllm.tasks", "cllm.tasks.arith",
+)
+# Stages run the algorithm, on Ray where they scale out; the pipeline and the CLI drive the stages.
+STAGES = (
+    "cllm.teacher", "cllm.collect", "cllm.train", "cllm.evaluate", "cllm.serve", "cllm.pipeline", "cllm.cli",
+)
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imported_modules(path: Path, known: set[str]) -> set[str]:
+    """cllm modules that `path` imports anywhere (top level or inside functions)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+        for name in names:
+            while name and name not in known:  # `from cllm.train.config import X` -> cllm.train.config
+                name = name.rpartition(".")[0]
+            if name and name != "cllm":
+                found.add(name)
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    files = {module_name(path): path for path in PACKAGE.rglob("*.py")}
+    known = set(files)
+    return {name: imported_modules(path, known) - {name} for name, path in files.items()}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, str] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = "open"
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == "open":
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        state[node] = "done"
+        stack.pop()
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def test_cycle_finder_finds_a_cycle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
+
+
+def test_every_module_is_placed_in_a_layer():
+    placed = set(ALGORITHM) | set(STAGES)
+    graph = import_graph()
+    unplaced = {m for m in graph if m != "cllm" and not any(m == p or m.startswith(p + ".") for p in placed)}
+    assert not unplaced, f"add these modules to ALGORITHM or STAGES: {sorted(unplaced)}"
+
+
+def test_the_package_imports_nothing_in_a_loop():
+    cycle = find_cycle(import_graph())
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_algorithm_modules_import_no_stage():
+    graph = import_graph()
+    stage = lambda m: any(m == s or m.startswith(s + ".") for s in STAGES)  # noqa: E731
+    wrong = {m: sorted(filter(stage, graph[m])) for m in ALGORITHM if any(map(stage, graph[m]))}
+    assert not wrong, f"algorithm modules importing stages: {wrong}"
+
+
+@pytest.mark.timeout(120)
+def test_algorithm_imports_neither_ray_nor_a_stage_in_a_fresh_interpreter():
+    code = (
+        "import sys\n"
+        f"for name in {ALGORITHM!r}: __import__(name)\n"
+        f"stages = [m for m in sys.modules if m.startswith({STAGES!r})]\n"
+        "ray = [m for m in sys.modules if m == 'ray' or m.startswith('ray.')]\n"
+        "print('stages', stages); print('ray', ray[:5])\n"
+        "sys.exit(1 if stages or ray else 0)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=110)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_loading_a_model_never_builds_the_builtin_teacher():
+    from cllm.models import ModelLoadError, load_model
+
+    with pytest.raises(ModelLoadError, match="resolve it first"):
+        load_model("builtin")
