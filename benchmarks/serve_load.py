@@ -1,13 +1,16 @@
-"""Load test of the OpenAI server: N concurrent clients over loopback, Jacobi vs AR side by side.
+"""Load test of the OpenAI server: N concurrent clients over loopback, Jacobi vs AR and continuous vs static
+batching side by side.
 
     python benchmarks/serve_load.py --model outputs/default/cllm            # starts both servers itself
     python benchmarks/serve_load.py --model DIR --concurrency 1,16 --requests-per-client 4 --max-tokens 64
+    python benchmarks/serve_load.py --model DIR --engines continuous --modes jacobi  # one variant only
     python benchmarks/serve_load.py --url http://127.0.0.1:8000 --model-name cllm   # a server already running
 
-It starts a local Ray with the same application twice (`/jacobi` and `/ar`: same model, same replica
-resources, only `mode` differs), warms both up, then for each concurrency level drives each mode in
-turn with a bounded number of requests, and prints requests/s, tokens/s, p50/p99 latency, time to first
-token (streaming) and tokens per forward. Greedy AR and Jacobi must answer identically; it checks that too.
+It starts a local Ray with the same application once per variant (`/jacobi-continuous`, `/ar-static`, ...:
+same model, same replica resources, only `mode` and `engine` differ), warms each up, then for each
+concurrency level drives each variant in turn with a bounded number of requests, and prints requests/s,
+tokens/s, p50/p99 latency, time to first token (streaming) and tokens per forward. Every variant decodes
+greedily, so all must answer identically; it checks that too.
 Prompts are the built-in task's test problems.
 """
 
@@ -37,6 +40,8 @@ class LoadConfig(StageConfig):
     model_name: str = "cllm-bench"
     url: str | None = None  # drive this running server instead of starting one (its own mode only)
     modes: list[Literal["jacobi", "ar"]] = ["jacobi", "ar"]
+    engines: list[Literal["continuous", "static"]] = ["continuous", "static"]
+    max_tokens_per_step: int = Field(64, ge=1)  # continuous engine's per-pass token budget
     concurrency: list[int] = [1, 16]
     requests_per_client: int = Field(4, ge=1)
     max_tokens: int = Field(64, ge=1)
@@ -146,7 +151,7 @@ def free_port() -> int:
 
 
 def start_servers(cfg: LoadConfig) -> dict[str, str]:
-    """The same application once per mode on a local Ray, each under its own route prefix."""
+    """The same application once per (mode, engine) on a local Ray, each under its own route prefix."""
     import ray
     from ray import serve
 
@@ -156,9 +161,11 @@ def start_servers(cfg: LoadConfig) -> dict[str, str]:
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     urls = {}
-    for mode in cfg.modes:
+    for mode, engine in [(m, e) for m in cfg.modes for e in cfg.engines]:
         args = {
             "mode": mode,
+            "engine": engine,
+            "max_tokens_per_step": cfg.max_tokens_per_step,
             "model_name": cfg.model_name,
             "block_size": cfg.block_size,
             "init": cfg.init,
@@ -169,8 +176,9 @@ def start_servers(cfg: LoadConfig) -> dict[str, str]:
         }
         if cfg.model is not None:
             args["model"] = cfg.model
-        serve.run(build_app(args), name=f"cllm-{mode}", route_prefix=f"/{mode}")
-        urls[mode] = f"http://127.0.0.1:{port}/{mode}"
+        variant = f"{mode}-{engine}"
+        serve.run(build_app(args), name=f"cllm-{variant}", route_prefix=f"/{variant}")
+        urls[variant] = f"http://127.0.0.1:{port}/{variant}"
     return urls
 
 
@@ -192,7 +200,9 @@ def main(argv: list[str] | None = None) -> None:
         with urllib.request.urlopen(cfg.url.rstrip("/") + "/v1/models", timeout=30) as response:
             name = json.loads(response.read())["data"][0]["id"]
         with urllib.request.urlopen(cfg.url.rstrip("/") + "/healthz", timeout=30) as response:
-            urls, names = {json.loads(response.read())["mode"]: cfg.url.rstrip("/")}, name
+            health = json.loads(response.read())
+        variant = f"{health['mode']}-{health.get('engine', 'static')}"
+        urls, names = {variant: cfg.url.rstrip("/")}, name
     else:
         urls, names = start_servers(cfg), cfg.model_name
     try:
@@ -211,10 +221,11 @@ def main(argv: list[str] | None = None) -> None:
                 rows.append({"concurrency": concurrency, "mode": mode, **summarize(results, wall)})
                 print(f"  done: concurrency {concurrency}, {mode}", file=sys.stderr, flush=True)
         print_table(rows)
-        if len(texts) == 2:
-            a, b = texts.values()
-            same = all(a[p] == b[p] for p in a.keys() & b.keys())
-            print(f"jacobi and ar answers identical on {len(a.keys() & b.keys())} prompts: {same}")
+        if len(texts) > 1:
+            first, *others = texts.values()
+            common = set(first).intersection(*others)
+            same = all(other[p] == first[p] for other in others for p in common)
+            print(f"all {len(texts)} variants' answers identical on {len(common)} prompts: {same}")
     except urllib.error.HTTPError as err:
         sys.exit(f"server refused a request: {err.code} {err.read().decode(errors='replace')}")
     finally:
@@ -224,23 +235,33 @@ def main(argv: list[str] | None = None) -> None:
 
 def print_table(rows: list[dict]) -> None:
     header = (
-        f"{'conc':>4} {'mode':>6} {'reqs':>5} {'req/s':>7} {'tok/s':>8} {'p50 s':>7} {'p99 s':>7} "
+        f"{'conc':>4} {'variant':>17} {'reqs':>5} {'req/s':>7} {'tok/s':>8} {'p50 s':>7} {'p99 s':>7} "
         f"{'ttft50 s':>8} {'tok/fwd':>7}"
     )
     print(header)
     for r in rows:
         print(
-            f"{r['concurrency']:>4} {r['mode']:>6} {r['requests']:>5} {r['req_per_s']:>7.2f} "
+            f"{r['concurrency']:>4} {r['mode']:>17} {r['requests']:>5} {r['req_per_s']:>7.2f} "
             f"{r['tok_per_s']:>8.1f} {r['p50_s']:>7.3f} {r['p99_s']:>7.3f} {r['ttft_p50_s']:>8.3f} "
             f"{r['tpf']:>7.2f}"
         )
     by_level = {}
     for r in rows:
         by_level.setdefault(r["concurrency"], {})[r["mode"]] = r
-    for level, modes in by_level.items():
-        if {"jacobi", "ar"} <= modes.keys():
-            speedup = modes["jacobi"]["tok_per_s"] / modes["ar"]["tok_per_s"]
-            print(f"concurrency {level}: jacobi/ar throughput {speedup:.2f}x")
+    for level, variants in by_level.items():
+        for engine in ("continuous", "static"):
+            jacobi, ar = variants.get(f"jacobi-{engine}"), variants.get(f"ar-{engine}")
+            if jacobi and ar:
+                speedup = jacobi["tok_per_s"] / ar["tok_per_s"]
+                print(f"concurrency {level}, {engine}: jacobi/ar throughput {speedup:.2f}x")
+        for mode in ("jacobi", "ar"):
+            continuous, static = variants.get(f"{mode}-continuous"), variants.get(f"{mode}-static")
+            if continuous and static:
+                ratio = continuous["tok_per_s"] / static["tok_per_s"]
+                print(
+                    f"concurrency {level}, {mode}: continuous/static throughput {ratio:.2f}x, p50 latency "
+                    f"{continuous['p50_s']:.3f}s vs {static['p50_s']:.3f}s"
+                )
 
 
 if __name__ == "__main__":

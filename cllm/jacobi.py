@@ -7,6 +7,7 @@ point is the greedy autoregressive output, so the result equals `generate(do_sam
 
 The steps, in the order they run:
   prefill          one pass over the prompt; its last logit gives the first token (already correct)
+  begin_row        make that token final and open the first block
   jacobi_forward   one pass over every row's live window against the cached prefix
   agreeing_run     how far a window agrees with its shifted predictions
   advance_row      commit that run, re-guess the rest, close the block at its fixed point
@@ -249,6 +250,17 @@ def advance_row(row: Row, predictions: list[int], dec: Decoding) -> int:
     return k + 1
 
 
+def begin_row(row: Row, first_token: int, dec: Decoding) -> None:
+    """After prefill: the first token is final; open the first block (or close the row if that token ends it)."""
+    if row.pool is not None:
+        row.pool.observe(row.prompt)
+    accept(row, [first_token], dec)
+    if row.done:
+        close_block(row, row.generated[:], dec)
+    else:
+        start_block(row, dec)
+
+
 def roll_back_cache(cache: DynamicCache, cache_mask: torch.Tensor, kept: list[int]) -> torch.Tensor:
     """Keep each row's committed window entries; crop what no row kept, mask what only some rows kept."""
     width = cache.get_seq_length() - cache_mask.shape[1]
@@ -369,13 +381,7 @@ def jacobi_generate(
     cache, first_tokens = prefill(model, layout, input_ids, attention_mask)
     cache_mask = attention_mask
     for row, token in zip(rows, first_tokens, strict=True):
-        if row.pool is not None:
-            row.pool.observe(row.prompt)
-        accept(row, [token], dec)
-        if row.done:
-            close_block(row, row.generated[:], dec)
-        else:
-            start_block(row, dec)
+        begin_row(row, token, dec)
 
     forward_passes = 0
     live, cache_mask = retire_rows(rows, cache, cache_mask)

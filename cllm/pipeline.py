@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from cllm.collect import CollectConfig, CollectOptions
 from cllm.config import StageConfig
@@ -47,6 +47,14 @@ class PipelineConfig(StageConfig, DataFields, DecodeFields):
     train: TrainOptions = Field(default_factory=TrainOptions)
     eval: EvalOptions = Field(default_factory=EvalOptions)
     serve_options: ServeOptions = Field(default_factory=ServeOptions)
+
+    @model_validator(mode="after")
+    def exported_model_loads(self) -> PipelineConfig:
+        if self.train.lora_rank and not self.train.merge_lora:
+            raise ValueError("train.merge_lora must stay on in the pipeline: its evaluate and serve stages load the "
+                             "exported model as a plain Hugging Face directory (train an unmerged adapter with "
+                             "pipelines/train.py)")
+        return self
 
     @property
     def out(self) -> Path:

@@ -3,8 +3,12 @@
 The request path, step by step:
   parse      bytes -> validated OpenAI request (`cllm.openai_api`), refusing what greedy decoding can't honour
   admit      tokenize, check the prompt and max_tokens against the context (`cllm.serving.admit`)
-  batch      `@serve.batch` gathers concurrent jobs of a replica into one list
-  decode     one batched call of `cllm.serving.BatchDecoder` in a worker thread; committed text streams out
+  decode     engine "continuous" (default): the job joins the replica's `cllm.engine.Engine`, which a
+             background task steps (one Jacobi iteration of every running request per step, in a worker
+             thread); requests join and leave between steps, so none waits for another to finish
+             engine "static": `@serve.batch` gathers concurrent jobs into one list, decoded to the end by
+             one `cllm.serving.BatchDecoder` call in a worker thread
+             either way, committed text streams out as it becomes final
   respond    JSON with OpenAI `usage` plus `jacobi_stats`, or Server-Sent Events ending in `data: [DONE]`
 
 Only this module touches Ray Serve. Use `import_path: cllm.serve:build_app` in a Serve config
@@ -19,6 +23,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Literal
 
 import torch
 from fastapi import FastAPI, Request
@@ -30,6 +35,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cllm.config import ConfigError, StageConfig
 from cllm.decoding import DecodeFields
+from cllm.engine import Engine, StepStats
 from cllm.models import BUILTIN_MODEL, format_prompt, is_missing_path, load_model
 from cllm.openai_api import (
     SSE_DONE,
@@ -68,8 +74,11 @@ class ServeOptions(BaseModel):
     """How to batch, scale and listen; shared with the pipeline's `serve_options` section."""
 
     mode: Mode = "jacobi"  # "ar": greedy one token per pass, the baseline
-    # batching (per replica)
-    max_batch_size: int = Field(8, ge=1)
+    # batching (per replica): "continuous" admits requests between Jacobi iterations, "static" decodes
+    # each @serve.batch to its end
+    engine: Literal["continuous", "static"] = "continuous"
+    max_batch_size: int = Field(8, ge=1)  # continuous: the most requests running at once
+    max_tokens_per_step: int = Field(64, ge=1)  # continuous: running requests x block size per pass, at most
     batch_wait_timeout_s: float = Field(0.01, ge=0)
     max_ongoing_requests: int = Field(32, ge=1)
     # autoscaling and resources
@@ -144,6 +153,27 @@ class ServeMetrics:
             boundaries=[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0],
             tag_keys=("mode",),
         )
+        self.waiting = metrics.Gauge("cllm_waiting_requests", description="requests queued for the engine")
+        self.running = metrics.Gauge("cllm_running_requests", description="requests in the engine's passes")
+        self.step_seconds = metrics.Histogram(
+            "cllm_step_seconds",
+            description="seconds per engine step (admission prefill + one batched Jacobi pass)",
+            boundaries=[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0],
+            tag_keys=("mode",),
+        )
+        self.tokens_per_step = metrics.Histogram(
+            "cllm_tokens_per_step",
+            description="tokens made final by one engine step, all running requests together",
+            boundaries=[1, 2, 4, 8, 16, 32, 64, 128, 256],
+            tag_keys=("mode",),
+        )
+
+    def record_step(self, stats: StepStats, waiting: int, running: int, mode: str) -> None:
+        self.waiting.set(waiting)
+        self.running.set(running)
+        if stats.running:
+            self.step_seconds.observe(stats.seconds, tags={"mode": mode})
+            self.tokens_per_step.observe(stats.committed, tags={"mode": mode})
 
 
 @serve.deployment(name="JacobiServer")
@@ -156,6 +186,18 @@ class JacobiServer:
         loaded = load_model(self.config.model, device=self.config.device, dtype=self.config.dtype)
         self.tokenizer = loaded.tokenizer
         self.decoder = BatchDecoder(loaded, self.config, mode=self.config.mode, seed=self.config.seed)
+        self.engine: Engine | None = None
+        if self.config.engine == "continuous":
+            self.engine = Engine(
+                loaded,
+                self.config,
+                mode=self.config.mode,
+                seed=self.config.seed,
+                max_running=self.config.max_batch_size,
+                max_tokens_per_step=self.config.max_tokens_per_step,
+            )
+        self.wake = asyncio.Event()  # set when a request joins the engine
+        self.driver: asyncio.Task | None = None  # the task stepping the engine (started by the first request)
         self.context = self.decoder.context
         self.vocab_size = loaded.model.get_input_embeddings().num_embeddings
         self.decode_batch.set_max_batch_size(self.config.max_batch_size)
@@ -163,10 +205,11 @@ class JacobiServer:
         self.metrics = ServeMetrics()
         self.created = now()
         logger.info(
-            "JacobiServer ready: model %s (%s), mode %s, block %d, context %s, batch <= %d",
+            "JacobiServer ready: model %s (%s), mode %s, %s engine, block %d, context %s, batch <= %d",
             self.config.served_name,
             self.config.model,
             self.config.mode,
+            self.config.engine,
             self.config.block_size,
             self.context,
             self.config.max_batch_size,
@@ -176,12 +219,18 @@ class JacobiServer:
         """Serve's periodic probe; a replica whose process died is replaced without it."""
         if self.decoder.model is None or self.tokenizer is None:
             raise RuntimeError("model not loaded")
+        if self.driver is not None and self.driver.done() and not self.driver.cancelled():
+            raise RuntimeError(f"the engine loop stopped: {self.driver.exception()!r}")
 
     # --- routes -------------------------------------------------------------------------------------------
 
     @api.get("/healthz")
     async def healthz(self) -> dict:
-        return {"status": "ok", "model": self.config.served_name, "mode": self.config.mode}
+        config = self.config
+        health = {"status": "ok", "model": config.served_name, "mode": config.mode, "engine": config.engine}
+        if self.engine is not None:
+            health.update(waiting=self.engine.num_waiting, running=self.engine.num_running)
+        return health
 
     @api.get("/v1/models")
     async def models(self) -> dict:
@@ -280,11 +329,50 @@ class JacobiServer:
         await asyncio.to_thread(self.decoder.decode, jobs)
         return jobs
 
+    # --- the continuous engine ----------------------------------------------------------------------------
+
+    def submit(self, job: DecodeJob) -> asyncio.Future:
+        """Queue a job for the engine; the future resolves (on this loop) once the job has ended."""
+        loop = asyncio.get_running_loop()
+        ended: asyncio.Future = loop.create_future()
+
+        def resolve() -> None:
+            if not ended.done():
+                ended.set_result(job)
+
+        job.on_done = lambda: loop.call_soon_threadsafe(resolve)
+        self.engine.add(job)
+        if self.driver is None or self.driver.done():
+            self.driver = asyncio.ensure_future(self.drive())
+        self.wake.set()
+        return ended
+
+    async def drive(self) -> None:
+        """Step the engine while it has requests, each step in a worker thread so the event loop stays free
+        to accept, stream and cancel; sleep until a request arrives otherwise."""
+        engine, mode = self.engine, self.config.mode
+        while True:
+            if not engine.has_work():
+                self.wake.clear()
+                await self.wake.wait()
+                continue
+            try:
+                stats = await asyncio.to_thread(engine.step)
+                self.metrics.record_step(stats, engine.num_waiting, engine.num_running, mode)
+            except Exception:  # the engine fails the requests concerned itself; keep serving the rest
+                logger.exception("engine step failed")
+
+    async def run_job(self, job: DecodeJob) -> DecodeJob:
+        """Decode one job to its end by the configured engine."""
+        if self.engine is None:
+            return await self.decode_batch(job)
+        return await self.submit(job)
+
     async def decode(self, job: DecodeJob) -> DecodeJob:
         try:
-            await self.decode_batch(job)
+            await self.run_job(job)
         except asyncio.CancelledError:
-            job.cancelled = True  # the client disconnected: free its row for the others
+            job.cancelled = True  # the client disconnected: free its row for the others (engine: next step)
             raise
         self.record(job)
         if job.error is not None:
@@ -296,7 +384,7 @@ class JacobiServer:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[str | None] = asyncio.Queue()
         job.on_text = lambda delta: loop.call_soon_threadsafe(queue.put_nowait, delta)
-        decoding = asyncio.ensure_future(self.decode_batch(job))
+        decoding = asyncio.ensure_future(self.run_job(job))
         decoding.add_done_callback(lambda _: queue.put_nowait(None))
         decoding.add_done_callback(lambda future: self.note_stream_end(future, job))
 
@@ -342,7 +430,7 @@ class JacobiServer:
             block_size=1 if self.config.mode == "ar" else self.config.block_size,
             forward_passes=job.forward_passes,
             tokens_per_forward=round(job.tokens_per_forward, 4),
-            batch_size=job.batch_size,
+            batch_size=job.batch_size,  # continuous: the most requests that shared one of its passes
             decode_seconds=round(job.decode_seconds, 4),
         )
 

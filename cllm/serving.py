@@ -2,8 +2,9 @@
 
     admit    tokenized prompt + max_tokens checked against the context -> a DecodeJob (a job that would
              fail never joins a batch)
-    decode   one batched `jacobi_generate` (or `ar_generate`) call; its `on_commit` feeds each job's
-             TextStream, which applies stop sequences and hands text deltas to streaming clients
+    decode   static: one batched `jacobi_generate` (or `ar_generate`) call; its `on_commit` feeds each
+             job's TextStream (`deliver`), which applies stop sequences and hands text deltas to streaming
+             clients; continuous: `cllm.engine.Engine` admits jobs between Jacobi iterations instead
 
 `cllm.serve` wraps this in a Ray Serve deployment; nothing here imports Ray.
 """
@@ -44,6 +45,7 @@ class DecodeJob:
     batch_size: int = 0
     decode_seconds: float = 0.0
     error: str | None = None
+    on_done: Callable[[], None] | None = None  # continuous engine: called (from its thread) once the job ended
 
     @property
     def tokens_per_forward(self) -> float:
@@ -144,37 +146,46 @@ class BatchDecoder:
         """`on_commit` for a batch: feed the row's job; True stops the row (stop sequence, client gone)."""
 
         def on_commit(row: int, tokens: list[int]) -> bool:
-            job = jobs[row]
-            if job.cancelled:
-                return True
-            try:
-                if job.first_token_at is None:
-                    job.first_token_at = time.perf_counter()
-                job.tokens.extend(tokens)
-                delta = job.text.push(tokens)
-                if delta and job.on_text is not None:
-                    job.on_text(delta)
-                return job.text.stopped
-            except Exception as err:  # one request's failure must not end its batch-mates' decoding
-                logger.exception("request failed while streaming; stopping its row")
-                job.error = f"{type(err).__name__}: {err}"
-                return True
+            return deliver(jobs[row], tokens)
 
         return on_commit
 
     def finish(self, job: DecodeJob) -> None:
-        """Flush held-back text and name why the request ended."""
-        if job.error is not None or job.cancelled:
-            return
-        try:
-            tail = job.text.finish()
-            if tail and job.on_text is not None:
-                job.on_text(tail)
-        except Exception as err:
-            job.error = f"{type(err).__name__}: {err}"
-            return
-        ended_on_eos = bool(job.tokens) and job.tokens[-1] in self.eos_ids
-        job.finish_reason = "stop" if job.text.stopped or ended_on_eos else "length"
+        finish_job(job, self.eos_ids)
+
+
+def deliver(job: DecodeJob, tokens: list[int]) -> bool:
+    """Hand a job its newly final tokens and stream their text; True: stop its row (stop sequence, client
+    gone, or its own failure, which must not end the decoding of the requests sharing its steps)."""
+    if job.cancelled:
+        return True
+    try:
+        if job.first_token_at is None:
+            job.first_token_at = time.perf_counter()
+        job.tokens.extend(tokens)
+        delta = job.text.push(tokens)
+        if delta and job.on_text is not None:
+            job.on_text(delta)
+        return job.text.stopped
+    except Exception as err:
+        logger.exception("request failed while streaming; stopping its row")
+        job.error = f"{type(err).__name__}: {err}"
+        return True
+
+
+def finish_job(job: DecodeJob, eos_ids: set[int]) -> None:
+    """Flush held-back text and name why the request ended."""
+    if job.error is not None or job.cancelled:
+        return
+    try:
+        tail = job.text.finish()
+        if tail and job.on_text is not None:
+            job.on_text(tail)
+    except Exception as err:
+        job.error = f"{type(err).__name__}: {err}"
+        return
+    ended_on_eos = bool(job.tokens) and job.tokens[-1] in eos_ids
+    job.finish_reason = "stop" if job.text.stopped or ended_on_eos else "length"
 
 
 def admit(prompt_ids: list[int], max_tokens: int | None, *, context: int | None, default_max_tokens: int,

@@ -79,3 +79,9 @@ def test_allowed_values_come_from_the_code():
     assert EvalOptions().methods == list(METHODS)
     with pytest.raises(ValueError, match="methods"):
         EvalOptions(methods=["beam"])
+
+
+def test_the_pipeline_refuses_an_unmerged_adapter_it_could_not_evaluate():
+    with pytest.raises(ValueError, match="merge_lora"):
+        load_config(PipelineConfig, ["--train.lora-rank", "8", "--no-train.merge-lora"])
+    assert load_config(PipelineConfig, ["--train.lora-rank", "8"]).train.merge_lora

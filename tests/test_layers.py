@@ -17,7 +17,7 @@ PACKAGE = ROOT / "cllm"
 ALGORITHM = (
     "cllm.config", "cllm.decoding", "cllm.guesses", "cllm.kv_cache", "cllm.jacobi", "cllm.losses", "cllm.data",
     "cllm.models", "cllm.tokenizer", "cllm.trajectories", "cllm.trajectory_store", "cllm.streaming",
-    "cllm.openai_api", "cllm.serving", "cllm.tasks", "cllm.tasks.arith",
+    "cllm.openai_api", "cllm.serving", "cllm.engine", "cllm.tasks", "cllm.tasks.arith",
 )
 # Stages run the algorithm, on Ray where they scale out; the pipeline and the CLI drive the stages.
 STAGES = (

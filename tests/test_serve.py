@@ -420,6 +420,105 @@ def test_a_client_that_leaves_mid_stream_does_not_disturb_its_batch_mates(server
     assert post(server, "/v1/completions", {"model": MODEL_NAME, "prompt": "zzz", "max_tokens": 4}).status_code == 200
 
 
+def test_the_default_engine_is_continuous(server):
+    health = requests.get(server + "/healthz", timeout=30).json()
+    assert health["engine"] == "continuous" and health["waiting"] >= 0 and health["running"] >= 0
+
+
+def test_concurrent_streams_of_different_lengths_join_the_running_engine(server, loaded):
+    """Streamed requests sent a little apart, of very different lengths: each equals greedy generate."""
+    budgets = [90, 6, 40, 15, 70, 3]
+    prompts = PROMPTS[:6]
+
+    def ask(i):
+        time.sleep(0.02 * i)
+        payload = {"model": MODEL_NAME, "prompt": prompts[i], "max_tokens": budgets[i], "stream": True}
+        return stream_events(server, "/v1/completions", payload)
+
+    with ThreadPoolExecutor(len(budgets)) as pool:
+        results = list(pool.map(ask, range(len(budgets))))
+    shared = []
+    for i, events in enumerate(results):
+        assert events[-1] == "[DONE]"
+        assert "".join(c["choices"][0]["text"] for c in events[:-1]) == greedy_text(loaded, prompts[i], budgets[i])
+        closing = [c for c in events[:-1] if c["choices"] and c["choices"][0]["finish_reason"]]
+        shared.append(closing[0]["jacobi_stats"]["batch_size"])
+    assert max(shared) > 1  # they really shared passes
+
+
+def test_a_late_request_is_answered_before_an_earlier_long_one_ends(server, loaded):
+    """Continuous batching: a short request sent while a long one decodes does not wait for it."""
+    long_prompt, long_budget = "zzz", CONTEXT - 4
+    first_chunk, done = {}, {}
+
+    def long_stream():
+        payload = {"model": MODEL_NAME, "prompt": long_prompt, "max_tokens": long_budget, "stream": True}
+        with requests.post(server + "/v1/completions", json=payload, stream=True, timeout=120) as response:
+            text = []
+            for line in response.iter_lines():
+                if not line:
+                    continue
+                first_chunk.setdefault("t", time.monotonic())
+                data = line[len(b"data: ") :].decode()
+                if data != "[DONE]":
+                    text += [c["text"] for c in json.loads(data)["choices"]]
+        done["long"] = time.monotonic()
+        return "".join(text)
+
+    with ThreadPoolExecutor(1) as pool:
+        long = pool.submit(long_stream)
+        deadline = time.monotonic() + 60
+        while "t" not in first_chunk and time.monotonic() < deadline:
+            time.sleep(0.002)
+        short = post(server, "/v1/completions", {"model": MODEL_NAME, "prompt": "hi there", "max_tokens": 3})
+        done["short"] = time.monotonic()
+        assert long.result() == greedy_text(loaded, long_prompt, long_budget)
+    assert short.status_code == 200
+    assert short.json()["choices"][0]["text"] == greedy_text(loaded, "hi there", 3)
+    assert done["short"] < done["long"]
+    assert short.json()["jacobi_stats"]["batch_size"] >= 2  # it joined the long request's passes
+
+
+def test_a_client_that_leaves_frees_its_row_long_before_its_decode_would_end(server):
+    payload = {"model": MODEL_NAME, "prompt": "zzz", "max_tokens": CONTEXT - 4}
+    start = time.monotonic()
+    assert post(server, "/v1/completions", payload).status_code == 200
+    full_decode = time.monotonic() - start
+    with requests.post(server + "/v1/completions", json={**payload, "stream": True}, stream=True, timeout=120) as r:
+        next(line for line in r.iter_lines() if line)
+    left = time.monotonic()
+    while requests.get(server + "/healthz", timeout=30).json()["running"] and time.monotonic() - left < 60:
+        time.sleep(0.005)
+    assert requests.get(server + "/healthz", timeout=30).json()["running"] == 0
+    assert time.monotonic() - left < 0.5 * full_decode
+
+
+@pytest.fixture(scope="module")
+def static_server(server, model_dir):
+    """The same model with the static engine (`@serve.batch`, each batch decoded to its end), as a second app."""
+    app = build_app({"model": str(model_dir), "model_name": MODEL_NAME, "block_size": 4, "num_cpus": 0.5,
+                     "engine": "static", "max_batch_size": 8, "batch_wait_timeout_s": 0.05})  # fmt: skip
+    serve.run(app, name="static", route_prefix="/static")
+    yield server + "/static"
+    serve.delete("static")
+
+
+def test_the_static_engine_still_answers_exactly(static_server, loaded):
+    assert requests.get(static_server + "/healthz", timeout=30).json()["engine"] == "static"
+    budgets = [25, 8, 40, 12]
+
+    def ask(i):
+        payload = {"model": MODEL_NAME, "prompt": PROMPTS[i], "max_tokens": budgets[i]}
+        if i % 2:
+            return post(static_server, "/v1/completions", payload).json()["choices"][0]["text"]
+        events = stream_events(static_server, "/v1/completions", {**payload, "stream": True})
+        return "".join(c["choices"][0]["text"] for c in events[:-1])
+
+    with ThreadPoolExecutor(4) as pool:
+        texts = list(pool.map(ask, range(4)))
+    assert texts == [greedy_text(loaded, PROMPTS[i], budgets[i]) for i in range(4)]
+
+
 BAD_REQUESTS = [
     ("/v1/completions", b"{not json", 400),
     ("/v1/completions", b"\xff\xfe\x00garbage", 400),

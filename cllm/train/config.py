@@ -50,6 +50,14 @@ class TrainOptions(BaseModel):
     max_failures: int = Field(1, ge=-1)
     log_every: int = Field(10, ge=1)
 
+    # LoRA through PEFT (cllm/train/lora.py): only the adapter trains, the base weights stay frozen
+    lora_rank: int = Field(0, ge=0)  # 0: full finetuning
+    lora_alpha: int = Field(16, ge=1)  # the adapter's output is scaled by lora_alpha / lora_rank
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    lora_target_modules: list[str] | None = Field(None, min_length=1)  # None: every linear layer but the output head
+    merge_lora: bool = True  # export the merged model (a plain HF dir); False: the adapter and its base's name
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~1/3 more compute
+
 
 class TrainConfig(StageConfig, TrainOptions):
     """One run: the options plus what it starts from, reads and writes; the same config drives AR training."""

@@ -1,9 +1,11 @@
 """The two ways a worker steps the model, each with its own checkpoint format.
 
     DDP        torch DDP (gloo on CPU, NCCL on GPU), AdamW, cosine schedule; rank 0 saves the HF model
-               (every checkpoint loads with `from_pretrained`) and the optimizer state
+               (every checkpoint loads with `from_pretrained`), or a LoRA run's adapter, and the optimizer state
     DeepSpeed  ZeRO-0..3 with torch's AdamW; every rank saves its shards, the final checkpoint also the
-               consolidated HF model
+               consolidated HF model (merged, or the adapter, for a LoRA run)
+
+Both optimize only the parameters that require a gradient: all of them, or a LoRA adapter's.
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ import torch
 from transformers import AutoModelForCausalLM, get_cosine_schedule_with_warmup
 
 from cllm.train.config import StepPlan, TrainConfig
+from cllm.train.lora import MODEL_DIR, add_lora, base_model, export_lora, is_lora, save_model_files, write_hf_dir
 
-MODEL_DIR = "model"  # HF model folder inside a checkpoint
 DEEPSPEED_DIR, DEEPSPEED_TAG = "deepspeed", "state"
 
 
@@ -29,7 +31,7 @@ class DDPEngine:
     def __init__(self, model, config: TrainConfig, plan: StepPlan, checkpoint_dir: Path | None):
         self.config = config
         self.model = ray.train.torch.prepare_model(model)
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.optimizer = torch.optim.AdamW(trainable(model), lr=config.lr, weight_decay=config.weight_decay)
         self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, plan.warmup_steps, plan.total_steps)
         self.step = 0
         if checkpoint_dir is not None:
@@ -59,11 +61,10 @@ class DDPEngine:
         return self.scheduler.get_last_lr()[0]
 
     def save(self, directory: Path, tokenizer, rank: int, export: bool) -> None:
-        """Rank 0 writes the HF model (every checkpoint is loadable) and the optimizer state."""
+        """Rank 0 writes the HF model (every checkpoint is loadable), or the adapter, and the optimizer state."""
         if rank != 0:
             return
-        self.module.save_pretrained(directory / MODEL_DIR)
-        tokenizer.save_pretrained(directory / MODEL_DIR)
+        save_model_files(self.module, directory, tokenizer, self.config, export)
         torch.save(
             {
                 "optimizer": self.optimizer.state_dict(),
@@ -81,10 +82,10 @@ class DeepSpeedEngine:
         os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "cllm" / "torch_extensions"))
         import deepspeed
 
-        self.config, self.hf_config = config, model.config
+        self.config, self.hf_config, self.lora = config, base_model(model).config, is_lora(model)
         self.model, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model,
-            model_parameters=[p for p in model.parameters() if p.requires_grad],
+            model_parameters=trainable(model),
             config=deepspeed_config(config),
             lr_scheduler=lambda opt: get_cosine_schedule_with_warmup(opt, plan.warmup_steps, plan.total_steps),
         )
@@ -113,10 +114,19 @@ class DeepSpeedEngine:
         self.model.save_16bit_model(str(weights_dir))  # collective for ZeRO-3
         if rank == 0:
             model = AutoModelForCausalLM.from_config(self.hf_config)
+            if self.lora:  # the consolidated state dict is the PEFT model's: base and adapter weights
+                model = add_lora(model, self.config, self.config.model)
             model.load_state_dict(torch.load(weights_dir / "pytorch_model.bin", weights_only=True))
-            model.save_pretrained(directory / MODEL_DIR)
-            tokenizer.save_pretrained(directory / MODEL_DIR)
+            if self.lora:
+                export_lora(model, directory / MODEL_DIR, tokenizer, self.config.merge_lora)
+            else:
+                write_hf_dir(model, directory / MODEL_DIR, tokenizer)
         shutil.rmtree(weights_dir, ignore_errors=True)
+
+
+def trainable(model) -> list[torch.nn.Parameter]:
+    """What the optimizer steps: under LoRA only the adapter, so its state matches the adapter's on resume."""
+    return [p for p in model.parameters() if p.requires_grad]
 
 
 def apply_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR) -> None:

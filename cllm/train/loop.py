@@ -20,7 +20,8 @@ from cllm.decoding import special_tokens
 from cllm.losses import LossParts, ar_objective, cllm_loss
 from cllm.models import context_length, load_model
 from cllm.train.config import StepPlan, TrainConfig
-from cllm.train.engines import MODEL_DIR, make_engine
+from cllm.train.engines import make_engine
+from cllm.train.lora import MODEL_DIR, prepare_model
 
 log = logging.getLogger(__name__)
 
@@ -145,10 +146,13 @@ def train_loop(loop_config: dict) -> None:
     with checkpoint.as_directory() if checkpoint else nullcontext() as directory:
         checkpoint_dir = Path(directory) if directory else None
         resume_ddp = checkpoint_dir is not None and config.strategy == "ddp"
-        source = str(checkpoint_dir / MODEL_DIR) if resume_ddp else config.model
+        # a LoRA run's checkpoint holds only the adapter: it goes back onto the base model
+        resume_full = resume_ddp and config.lora_rank == 0
+        source = str(checkpoint_dir / MODEL_DIR) if resume_full else config.model
         loaded = load_model(source, device=str(device), dtype="float32")
         loaded.model.train()
-        engine = make_engine(loaded.model, config, plan, checkpoint_dir)
+        model = prepare_model(loaded.model, config, checkpoint_dir if resume_ddp else None)
+        engine = make_engine(model, config, plan, checkpoint_dir)
     special = special_tokens(loaded.tokenizer, loaded.model.generation_config)
     tokens = {"pad": special.pad_id, "eos": list(special.eos_ids),
               "max_len": config.max_seq_len or context_length(loaded.model)}

@@ -1,0 +1,363 @@
+"""Continuous batching for exact Jacobi decoding: requests join and leave between Jacobi iterations.
+
+`cllm.serving.BatchDecoder` decodes a fixed batch to its end, so a request that arrives meanwhile waits
+for the slowest row. The `Engine` here is step-wise instead; one `step()`:
+
+  admit     prefill waiting requests in a cache of their own (their first token comes from it), then merge
+            their cache rows into the running cache
+  budget    shrink every row's Jacobi window so running rows x window stays within `max_tokens_per_step`
+  iterate   one `jacobi_forward` over every running row's window, in one batched pass
+  commit    `advance_row` per row: its agreeing run becomes final and streams out (`cllm.serving.deliver`)
+  retire    finished, stopped or cancelled rows leave the cache (`batch_select_indices`)
+  compact   cache columns no live row attends to any more are dropped, so memory follows live requests
+
+Cache layout: one rectangle [rows, columns] plus a boolean mask of the same shape. A joining group's
+columns are aligned to the right end of the running rectangle, the narrower side padded on the left with
+masked entries, exactly like a left-padded prompt. Every row's position ids are its own (`Row.position`)
+and masked entries are never seen, so a row's tokens do not depend on who shares its steps or when it
+arrived: each request decodes to greedy `generate(do_sample=False)` of its prompt alone.
+
+A window of one token is one AR step: `mode="ar"` is this engine with block size 1. Nothing here imports Ray.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+from cllm.decoding import DecodeFields, left_pad, special_tokens
+from cllm.guesses import NgramPool
+from cllm.jacobi import (
+    Decoding,
+    Row,
+    advance_row,
+    begin_row,
+    jacobi_forward,
+    prefill,
+    retire_rows,
+    roll_back_cache,
+)
+from cllm.kv_cache import check_supported
+from cllm.models import LoadedModel, context_length
+from cllm.serving import DecodeJob, Mode, deliver, finish_job
+
+logger = logging.getLogger("ray.serve")
+
+
+@dataclass
+class StepStats:
+    """What one `step()` did, for metrics."""
+
+    admitted: int = 0
+    running: int = 0  # rows in the Jacobi pass
+    window: int = 0  # block size this step allowed per row
+    slots: int = 0  # window tokens forwarded (the budgeted quantity)
+    committed: int = 0  # tokens made final by the pass (prefill's first tokens excluded)
+    finished: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class Running:
+    """A request in the engine: its job (what the client sees) and its row (what the decoder sees)."""
+
+    job: DecodeJob
+    row: Row
+    admitted_at: float
+
+
+def layer_tensors(cache: DynamicCache) -> list:
+    """The cache layers that hold tensors (layers without a cache of their own hold none)."""
+    return [layer for layer in cache.layers if getattr(layer, "is_initialized", False) and layer.keys is not None]
+
+
+def pad_left(tensor: torch.Tensor, columns: int, dim: int) -> torch.Tensor:
+    """`columns` zero entries before the existing ones along `dim` (masked holes: their value never counts)."""
+    if columns == 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = columns
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+
+
+def stack_right_aligned(upper: torch.Tensor, lower: torch.Tensor, dim: int) -> torch.Tensor:
+    """Rows of `upper` then rows of `lower` (batch is dim 0), the narrower one padded on the left along `dim`."""
+    width = max(upper.shape[dim], lower.shape[dim])
+    return torch.cat([pad_left(upper, width - upper.shape[dim], dim), pad_left(lower, width - lower.shape[dim], dim)])
+
+
+def merge_caches(
+    running: DynamicCache, running_mask: torch.Tensor, joining: DynamicCache, joining_mask: torch.Tensor
+) -> torch.Tensor:
+    """Append the joining rows to the running cache (in place), right-aligned; return the merged mask."""
+    for old, new in zip(running.layers, joining.layers, strict=True):
+        if not getattr(new, "is_initialized", False) or new.keys is None:
+            continue  # a layer that keeps no cache of its own
+        old.keys = stack_right_aligned(old.keys, new.keys, -2)
+        old.values = stack_right_aligned(old.values, new.values, -2)
+    return stack_right_aligned(running_mask, joining_mask, 1)
+
+
+def compact(cache: DynamicCache, cache_mask: torch.Tensor) -> torch.Tensor:
+    """Drop the columns no live row attends to: holes every row has, and columns of rows that left.
+
+    Positions are per row and a dropped column is masked for every row, so no attention changes.
+    """
+    used = cache_mask.any(0)
+    if bool(used.all()):
+        return cache_mask
+    index = used.nonzero().squeeze(1)
+    for layer in layer_tensors(cache):
+        layer.keys = layer.keys.index_select(-2, index)
+        layer.values = layer.values.index_select(-2, index)
+    return cache_mask[:, index]
+
+
+def window_for(block_size: int, rows: int, max_tokens_per_step: int) -> int:
+    """The widest window every row may have so the step forwards at most `max_tokens_per_step` tokens
+    (never below 1: a single token per row is plain AR decoding)."""
+    return max(1, min(block_size, max_tokens_per_step // max(rows, 1)))
+
+
+def shrink_window(row: Row, width: int) -> None:
+    """Drop the trailing guesses beyond `width`; the block ends earlier and the next one starts from there."""
+    if len(row.window) <= width:
+        return
+    row.window = row.window[:width]
+    row.block_len = len(row.generated) - 1 - row.block_start + width
+
+
+class Engine:
+    """Step-wise continuous batching over one model; `add` and `abort` may be called from other threads."""
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        decode: DecodeFields,
+        *,
+        mode: Mode = "jacobi",
+        seed: int = 0,
+        max_running: int = 8,
+        max_tokens_per_step: int = 64,
+        compact_every: int = 8,
+    ):
+        self.model = loaded.model
+        self.layout = check_supported(self.model)
+        self.context = context_length(self.model)
+        special = special_tokens(loaded.tokenizer, self.model.generation_config)
+        self.eos_ids = set(special.eos_ids)
+        self.pad_id = special.pad_id
+        self.block_size = 1 if mode == "ar" else decode.block_size
+        self.init = decode.init
+        self.max_running, self.max_tokens_per_step, self.compact_every = max_running, max_tokens_per_step, compact_every
+        self.dec = Decoding(
+            block_size=self.block_size,
+            max_iters=decode.max_iters or self.block_size,
+            eos_ids=self.eos_ids,
+            pad_token_id=self.pad_id,
+            init=decode.init,
+            rng=random.Random(seed),
+            on_commit=self.on_commit,
+            record=False,
+        )
+        self.waiting: deque[DecodeJob] = deque()
+        self.lock = threading.Lock()  # guards `waiting` against `add`/`abort` from other threads
+        self.running: list[Running] = []
+        self.by_index: dict[int, Running] = {}
+        self.cache: DynamicCache | None = None
+        self.cache_mask: torch.Tensor | None = None
+        self.next_index = 0
+        self.steps = 0
+
+    # --- the outside: requests in, requests out -------------------------------------------------------------
+
+    def add(self, job: DecodeJob) -> None:
+        """Queue a request; it joins the running rows at the next step. One that could not decode is refused
+        here (`cllm.serving.admit` checks the same for the server), so it can never fail a shared step."""
+        if not job.prompt_ids or job.max_tokens < 1:
+            raise ValueError("a request needs at least one prompt token and max_tokens >= 1")
+        if self.context is not None and len(job.prompt_ids) + job.max_tokens > self.context:
+            raise ValueError(
+                f"prompt {len(job.prompt_ids)} tokens + max_tokens {job.max_tokens} exceeds the context of "
+                f"{self.context} tokens"
+            )
+        with self.lock:
+            self.waiting.append(job)
+
+    def abort(self, job: DecodeJob) -> None:
+        """Stop a request: a waiting one never starts, a running one leaves the cache at the next step."""
+        job.cancelled = True
+
+    def has_work(self) -> bool:
+        return bool(self.running or self.waiting)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def cache_width(self) -> int:
+        return 0 if self.cache_mask is None else self.cache_mask.shape[1]
+
+    # --- one step -------------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self) -> StepStats:
+        """Admit, iterate once, commit, retire. A failure of the pass itself fails the requests in it (the
+        cache can no longer be trusted) and leaves the engine empty and ready for the next request."""
+        stats = StepStats()
+        start = time.perf_counter()
+        try:
+            self.drop_cancelled()
+            stats.admitted = self.admit_waiting()
+            stats.finished = self.retire()  # cancelled rows, and rows whose first token already ended them
+            if self.running:
+                self.iterate(stats)
+        except Exception as err:
+            logger.exception("decoding step failed; failing its %d requests", len(self.running))
+            self.fail_running(f"{type(err).__name__}: {err}")
+        stats.finished += self.retire()
+        self.steps += 1
+        if self.cache is not None and self.steps % self.compact_every == 0:
+            self.cache_mask = compact(self.cache, self.cache_mask)
+        stats.seconds = time.perf_counter() - start
+        return stats
+
+    def drop_cancelled(self) -> None:
+        """Cancelled requests: out of the queue now, out of the cache at this step's retire."""
+        with self.lock:
+            for job in [job for job in self.waiting if job.cancelled]:
+                self.waiting.remove(job)
+                self.end(job)
+        for entry in self.running:
+            if entry.job.cancelled:
+                entry.row.done = True
+
+    def take_waiting(self) -> list[DecodeJob]:
+        """As many queued requests as fit: at most `max_running` rows, and one window slot each in the budget."""
+        room = min(self.max_running, self.max_tokens_per_step) - len(self.running)
+        taken: list[DecodeJob] = []
+        with self.lock:
+            while self.waiting and len(taken) < room:
+                taken.append(self.waiting.popleft())
+        return taken
+
+    def admit_waiting(self) -> int:
+        """Prefill the newcomers together in a cache of their own, then merge their rows into the running cache."""
+        jobs = self.take_waiting()
+        if not jobs:
+            return 0
+        now = time.perf_counter()
+        entries = [Running(job, self.new_row(job), now) for job in jobs]
+        device = next(self.model.parameters()).device
+        input_ids, prompt_mask = left_pad([job.prompt_ids for job in jobs], self.pad_id, device=device)
+        prompt_mask = prompt_mask.bool()
+        try:
+            cache, first_tokens = prefill(self.model, self.layout, input_ids, prompt_mask)
+        except Exception as err:
+            logger.exception("prefill failed; failing its %d requests", len(jobs))
+            for entry in entries:
+                entry.job.error = f"{type(err).__name__}: {err}"
+                self.end(entry.job)
+            return 0
+        self.dec.block_size = window_for(self.block_size, len(self.running) + len(jobs), self.max_tokens_per_step)
+        for entry, token in zip(entries, first_tokens, strict=True):
+            self.by_index[entry.row.index] = entry
+            begin_row(entry.row, token, self.dec)
+        self.join(entries, cache, prompt_mask)
+        return len(jobs)
+
+    def new_row(self, job: DecodeJob) -> Row:
+        self.next_index += 1
+        pool = NgramPool(self.block_size) if self.init == "ngram" else None
+        return Row(index=self.next_index, prompt=list(job.prompt_ids), budget=job.max_tokens, pool=pool)
+
+    def join(self, entries: list[Running], cache: DynamicCache, prompt_mask: torch.Tensor) -> None:
+        """The new rows become running rows; their cache rows go below the running ones.
+
+        They count as running first, so a failing merge fails them along with the rest instead of losing them.
+        """
+        self.running.extend(entries)
+        if self.cache is None:
+            self.cache, self.cache_mask = cache, prompt_mask
+        else:
+            self.cache_mask = merge_caches(self.cache, self.cache_mask, cache, prompt_mask)
+
+    def iterate(self, stats: StepStats) -> None:
+        """One Jacobi iteration of every running row under the step's token budget; commit and stream."""
+        rows = [entry.row for entry in self.running]
+        width = window_for(self.block_size, len(rows), self.max_tokens_per_step)
+        self.dec.block_size = width  # blocks that start during this step get this width too
+        for row in rows:
+            shrink_window(row, width)
+        stats.running, stats.window = len(rows), width
+        stats.slots = len(rows) * max(len(row.window) for row in rows)
+        committed_before = sum(len(row.generated) for row in rows)
+        predictions = jacobi_forward(self.model, self.layout, self.cache, self.cache_mask, rows, self.pad_id)
+        kept = [advance_row(row, preds, self.dec) for row, preds in zip(rows, predictions, strict=True)]
+        self.cache_mask = roll_back_cache(self.cache, self.cache_mask, kept)
+        stats.committed = sum(len(row.generated) for row in rows) - committed_before
+        for entry in self.running:
+            entry.job.batch_size = max(entry.job.batch_size, len(rows))
+
+    def on_commit(self, index: int, tokens: list[int]) -> bool:
+        """`Decoding.on_commit`: route a row's final tokens to its request."""
+        return deliver(self.by_index[index].job, tokens)
+
+    def retire(self) -> int:
+        """Finished rows leave the cache now; their requests end (text flushed, reason named, caller told)."""
+        if not self.running:
+            return 0
+        rows = [entry.row for entry in self.running]
+        if self.cache is None:
+            live = [entry for entry in self.running if not entry.row.done]
+        else:
+            live_rows, self.cache_mask = retire_rows(rows, self.cache, self.cache_mask)
+            live_ids = {row.index for row in live_rows}
+            live = [entry for entry in self.running if entry.row.index in live_ids]
+        ended = [entry for entry in self.running if entry.row.done]
+        self.running = live
+        for entry in ended:
+            del self.by_index[entry.row.index]
+            entry.job.forward_passes = entry.row.forwards
+            entry.job.decode_seconds = time.perf_counter() - entry.admitted_at
+            finish_job(entry.job, self.eos_ids)
+            self.end(entry.job)
+        if not self.running:  # nothing left to attend to: start the next request from an empty cache
+            self.cache = self.cache_mask = None
+        return len(ended)
+
+    def fail_running(self, error: str) -> None:
+        for entry in self.running:
+            entry.job.error = error
+            entry.row.done = True
+        self.cache = self.cache_mask = None
+
+    @staticmethod
+    def end(job: DecodeJob) -> None:
+        """Tell the caller the job is over (its own callback's failure must not stop the engine)."""
+        if job.on_done is None:
+            return
+        try:
+            job.on_done()
+        except Exception:
+            logger.exception("a request's on_done callback failed")
+
+    def run_until_idle(self, max_steps: int | None = None) -> int:
+        """Step until no request is left (tests, offline use); returns the steps taken."""
+        steps = 0
+        while self.has_work() and (max_steps is None or steps < max_steps):
+            self.step()
+            steps += 1
+        return steps

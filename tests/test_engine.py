@@ -1,0 +1,283 @@
+"""The continuous-batching engine (no Ray): every request decodes to greedy `generate` of its prompt alone,
+whatever shares its steps and whenever it arrived."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import BYTE_VOCAB, byte_level_tokenizer, char_tokenizer, tiny_model
+
+from cllm.decoding import DecodeFields
+from cllm.engine import Engine, window_for
+from cllm.models import LoadedModel
+from cllm.serving import DecodeJob
+from cllm.streaming import TextStream
+
+PROMPTS = ["Hello there", "a", "The quick brown fox jumps", "x = 1 + 2", "zz", "Once upon a time, far away", "42"]
+
+
+@pytest.fixture(scope="module")
+def char_loaded():
+    return LoadedModel(tiny_model("llama"), char_tokenizer(), "tiny-llama")
+
+
+@pytest.fixture(scope="module")
+def byte_loaded():
+    return LoadedModel(tiny_model("llama", vocab_size=BYTE_VOCAB), byte_level_tokenizer(), "tiny-bytes")
+
+
+def eos_ids(loaded: LoadedModel) -> list[int]:
+    configured = loaded.model.generation_config.eos_token_id
+    configured = [] if configured is None else [configured] if isinstance(configured, int) else list(configured)
+    return sorted({loaded.tokenizer.eos_token_id, *configured})
+
+
+@torch.inference_mode()
+def greedy(loaded: LoadedModel, prompt_ids: list[int], max_tokens: int) -> list[int]:
+    """The reference: `generate(do_sample=False)` of the prompt alone, cut after its first EOS."""
+    ids = torch.tensor([prompt_ids])
+    eos = eos_ids(loaded)
+    out = loaded.model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        do_sample=False,
+        max_new_tokens=max_tokens,
+        eos_token_id=eos,
+        pad_token_id=0,
+    )[0, ids.shape[1] :].tolist()
+    for i, token in enumerate(out):
+        if token in eos:
+            return out[: i + 1]
+    return out
+
+
+def job(loaded: LoadedModel, text: str, max_tokens: int, stop=()) -> DecodeJob:
+    return DecodeJob(
+        prompt_ids=loaded.tokenizer(text)["input_ids"], max_tokens=max_tokens, text=TextStream(loaded.tokenizer, stop)
+    )
+
+
+def engine(loaded: LoadedModel, block_size: int = 4, **kwargs) -> Engine:
+    return Engine(loaded, DecodeFields(block_size=block_size), **kwargs)
+
+
+def check_cache_layout(eng: Engine) -> None:
+    """The cache is one row per running request, and each row holds exactly its prompt and committed tokens."""
+    if not eng.running:
+        assert eng.cache is None
+        return
+    assert eng.cache_mask.shape[0] == len(eng.running)
+    real = eng.cache_mask.sum(1).tolist()
+    assert real == [len(e.row.prompt) + len(e.row.generated) - 1 for e in eng.running]
+    for layer in eng.cache.layers:
+        assert layer.keys.shape[0] == len(eng.running) and layer.keys.shape[-2] == eng.cache_mask.shape[1]
+
+
+@pytest.mark.parametrize("mode", ["jacobi", "ar"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_staggered_arrivals_each_equal_greedy_generate(arch, mode):
+    loaded = LoadedModel(tiny_model(arch), char_tokenizer(), arch)
+    eng = engine(loaded, block_size=4, mode=mode, max_running=8)
+    budgets = [30, 7, 25, 16, 40, 12, 20]
+    jobs = [job(loaded, p, n) for p, n in zip(PROMPTS, budgets, strict=True)]
+    arrivals = {0: [0, 1], 2: [2], 3: [3, 4], 7: [5], 12: [6]}  # step -> requests added before it
+    step = 0
+    while step <= max(arrivals) or eng.has_work():
+        for i in arrivals.get(step, []):
+            eng.add(jobs[i])
+        eng.step()
+        check_cache_layout(eng)
+        step += 1
+    for j, n in zip(jobs, budgets, strict=True):
+        assert j.error is None
+        assert j.tokens == greedy(loaded, j.prompt_ids, n)
+        assert j.text.text == loaded.tokenizer.decode(j.tokens, skip_special_tokens=True)
+        assert j.finish_reason in ("stop", "length")
+        assert j.time_to_first_token is not None and j.time_to_first_token >= 0
+        if mode == "ar":
+            assert j.forward_passes == len(j.tokens) - 1
+        else:
+            assert 0 < j.forward_passes <= len(j.tokens) - 1
+    assert max(j.batch_size for j in jobs) > 1
+    assert eng.cache is None and eng.cache_width == 0
+
+
+def test_eos_in_the_middle_of_a_block():
+    loaded = LoadedModel(tiny_model("llama"), char_tokenizer(), "eos")
+    prompt_ids = loaded.tokenizer("Hello there")["input_ids"]
+    free = greedy(loaded, prompt_ids, 30)
+    cut = next(i for i in range(3, len(free)) if free[i] not in free[:i] and free[i] not in eos_ids(loaded))
+    loaded.model.generation_config.eos_token_id = [2, free[cut]]  # that token now ends the answer
+    eng = engine(loaded, block_size=8)
+    target, other = job(loaded, "Hello there", 30), job(loaded, "Once upon a time, far away", 30)
+    eng.add(other)
+    eng.step()
+    eng.add(target)
+    eng.run_until_idle()
+    assert target.tokens == free[: cut + 1] == greedy(loaded, prompt_ids, 30)
+    assert target.finish_reason == "stop"
+    assert other.tokens == greedy(loaded, other.prompt_ids, 30)
+
+
+def test_stop_string_ends_the_request_and_its_row(char_loaded):
+    prompt_ids = char_loaded.tokenizer("x = 1 + 2")["input_ids"]
+    full = char_loaded.tokenizer.decode(greedy(char_loaded, prompt_ids, 40), skip_special_tokens=True)
+    stop = full[10:12]
+    eng = engine(char_loaded, block_size=4)
+    stopped, other = job(char_loaded, "x = 1 + 2", 40, stop=[stop]), job(char_loaded, "zz", 40)
+    eng.add(stopped)
+    eng.add(other)
+    eng.run_until_idle()
+    assert stopped.text.text == full[: full.index(stop)]
+    assert stopped.finish_reason == "stop" and len(stopped.tokens) < 40
+    assert other.tokens == greedy(char_loaded, other.prompt_ids, 40)
+
+
+def test_max_tokens_one_comes_from_prefill_alone(char_loaded):
+    eng = engine(char_loaded, block_size=4)
+    long = job(char_loaded, "Once upon a time, far away", 30)
+    eng.add(long)
+    eng.step()
+    single = job(char_loaded, "Hello there", 1)
+    eng.add(single)
+    stats = eng.step()
+    assert stats.admitted == 1 and stats.finished == 1 and eng.num_running == 1  # it never joined a pass
+    check_cache_layout(eng)
+    eng.run_until_idle()
+    assert single.tokens == greedy(char_loaded, single.prompt_ids, 1) and single.forward_passes == 0
+    assert single.finish_reason in ("stop", "length")
+    assert long.tokens == greedy(char_loaded, long.prompt_ids, 30)
+
+
+def test_abort_frees_the_row_within_one_step_and_leaves_the_others_exact(char_loaded):
+    eng = engine(char_loaded, block_size=4)
+    jobs = [job(char_loaded, p, 60) for p in PROMPTS[:3]]
+    ended: list[int] = []
+    for i, j in enumerate(jobs):
+        j.on_done = lambda i=i: ended.append(i)
+        eng.add(j)
+    for _ in range(3):
+        eng.step()
+    waiting = job(char_loaded, "never", 10)
+    eng.add(waiting)
+    eng.abort(waiting)
+    eng.abort(jobs[1])
+    tokens_at_abort = len(jobs[1].tokens)
+    eng.step()
+    assert eng.num_running == 2 and jobs[1] not in [e.job for e in eng.running]
+    assert ended == [1] and eng.num_waiting == 0
+    check_cache_layout(eng)
+    eng.run_until_idle()
+    assert len(jobs[1].tokens) == tokens_at_abort and jobs[1].finish_reason is None
+    assert waiting.tokens == []
+    for i in (0, 2):
+        assert jobs[i].tokens == greedy(char_loaded, jobs[i].prompt_ids, 60)
+    assert sorted(ended) == [0, 1, 2]
+
+
+def test_a_failing_client_fails_its_request_alone(char_loaded):
+    eng = engine(char_loaded, block_size=4)
+    jobs = [job(char_loaded, p, 30) for p in PROMPTS[:3]]
+
+    def broken(_delta):
+        raise ConnectionError("client went away")
+
+    jobs[1].on_text = broken
+    for j in jobs:
+        eng.add(j)
+    eng.run_until_idle()
+    assert "client went away" in jobs[1].error
+    for i in (0, 2):
+        assert jobs[i].error is None and jobs[i].tokens == greedy(char_loaded, jobs[i].prompt_ids, 30)
+
+
+def test_token_budget_shrinks_blocks_down_to_ar(char_loaded):
+    assert window_for(8, 1, 64) == 8 and window_for(8, 4, 8) == 2 and window_for(8, 20, 8) == 1
+    eng = engine(char_loaded, block_size=8, max_tokens_per_step=8)
+    budgets = [60, 12, 12, 12, 12]
+    jobs = [job(char_loaded, p, n) for p, n in zip(PROMPTS, budgets, strict=False)]
+    eng.add(jobs[0])
+    windows = [eng.step().window]  # alone: a full block of 8
+    for j in jobs[1:]:
+        eng.add(j)
+    while eng.has_work():
+        stats = eng.step()
+        if stats.running:
+            windows.append(stats.window)
+            assert stats.slots <= 8
+    assert windows[0] == 8 and 1 in windows and windows[-1] == 8  # 5 rows: AR; alone again: full blocks
+    for j, n in zip(jobs, budgets, strict=False):
+        assert j.tokens == greedy(char_loaded, j.prompt_ids, n)
+
+
+def test_byte_level_streaming_never_splits_a_character(byte_loaded):
+    eng = engine(byte_loaded, block_size=4)
+    prompts = ["héllo wörld", "中文 text", "🎉 party", "naïve café"]
+    jobs = [job(byte_loaded, p, 40) for p in prompts]
+    deltas: list[list[str]] = [[] for _ in jobs]
+    for i, j in enumerate(jobs):
+        j.on_text = deltas[i].append
+    for j in jobs:
+        eng.add(j)
+        eng.step()
+    eng.run_until_idle()
+    for j, d in zip(jobs, deltas, strict=True):
+        assert j.tokens == greedy(byte_loaded, j.prompt_ids, 40)
+        expected = byte_loaded.tokenizer.decode(j.tokens, skip_special_tokens=True)
+        assert "".join(d) == j.text.text == expected
+        assert not any(delta.endswith("\ufffd") for delta in d[:-1])  # an unfinished character waits
+
+
+def test_cache_width_follows_live_requests_not_history(char_loaded):
+    """A stream of overlapping requests keeps the engine busy for long; its cache must not grow with it."""
+    eng = engine(char_loaded, block_size=4, compact_every=4)
+    jobs = [job(char_loaded, PROMPTS[i % len(PROMPTS)], 12 + (i % 3) * 5) for i in range(48)]
+    queue = list(jobs)
+    widths = []
+    while queue or eng.has_work():
+        while queue and eng.num_running + eng.num_waiting < 2:
+            eng.add(queue.pop(0))
+        eng.step()
+        check_cache_layout(eng)
+        if eng.steps % 4 == 0 and eng.running:  # just compacted: no column is unused by every row
+            live = sum(len(e.row.prompt) + len(e.row.generated) for e in eng.running)
+            assert eng.cache_width <= live
+        widths.append(eng.cache_width)
+    longest_pair = 2 * max(len(j.prompt_ids) + j.max_tokens for j in jobs)
+    # at most three steps of growth beyond two live requests (never compacted, this run reaches ~300 columns)
+    assert max(widths) <= longest_pair + 3 * 4
+    for j in jobs:
+        assert j.tokens == greedy(char_loaded, j.prompt_ids, j.max_tokens)
+
+
+def test_a_failing_pass_fails_its_requests_and_the_engine_goes_on(char_loaded, monkeypatch):
+    import cllm.engine
+
+    eng = engine(char_loaded, block_size=4)
+    jobs = [job(char_loaded, p, 20) for p in PROMPTS[:2]]
+    ended = []
+    for j in jobs:
+        j.on_done = lambda j=j: ended.append(j)
+        eng.add(j)
+
+    def broken_forward(*_args, **_kwargs):
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(cllm.engine, "jacobi_forward", broken_forward)
+    eng.step()
+    assert all("device lost" in j.error for j in jobs) and ended == jobs
+    assert not eng.has_work() and eng.cache is None
+    monkeypatch.undo()
+    later = job(char_loaded, "Hello there", 20)
+    eng.add(later)
+    eng.run_until_idle()
+    assert later.error is None and later.tokens == greedy(char_loaded, later.prompt_ids, 20)
+
+
+def test_a_request_that_cannot_fit_is_refused_before_it_joins(char_loaded):
+    eng = engine(char_loaded)
+    with pytest.raises(ValueError, match="context"):
+        eng.add(DecodeJob(prompt_ids=[5] * 500, max_tokens=20, text=TextStream(char_loaded.tokenizer)))
+    with pytest.raises(ValueError, match="max_tokens"):
+        eng.add(DecodeJob(prompt_ids=[], max_tokens=5, text=TextStream(char_loaded.tokenizer)))
+    assert not eng.has_work()
