@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from cllm.decoding import DecodeFields, left_pad, special_tokens
+from cllm.decoding import DecodeFields, left_pad, room_for, special_tokens
 from cllm.guesses import NgramPool
 from cllm.jacobi import (
     Decoding,
@@ -183,7 +183,8 @@ class Engine:
         here (`cllm.serving.admit` checks the same for the server), so it can never fail a shared step."""
         if not job.prompt_ids or job.max_tokens < 1:
             raise ValueError("a request needs at least one prompt token and max_tokens >= 1")
-        if self.context is not None and len(job.prompt_ids) + job.max_tokens > self.context:
+        room = room_for(self.context, len(job.prompt_ids))
+        if room is not None and job.max_tokens > room:
             raise ValueError(
                 f"prompt {len(job.prompt_ids)} tokens + max_tokens {job.max_tokens} exceeds the context of "
                 f"{self.context} tokens"

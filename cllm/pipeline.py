@@ -177,7 +177,7 @@ def run_pipeline(config: PipelineConfig) -> dict:
     collected = run_stage(log, "collect", "2/4 collect trajectories (Ray Data)", collect_stage)
     cllm_dir = run_stage(log, "train", "3/4 consistency training (Ray Train)", train_stage)["model_dir"]
     report = run_stage(log, "evaluate", "4/4 evaluate teacher vs CLLM",
-                       lambda: evaluate_stage(config, teacher, cllm_dir, collected))
+                       lambda: evaluate_stage(config, teacher, cllm_dir, collected, (collect_task, eval_task)))
     print((out / "report" / "report.md").read_text())
     times = ", ".join(f"{stage} {seconds:.0f} s" for stage, seconds in log.seconds.items())
     print(f"pipeline finished in {time.perf_counter() - started:.0f} s ({times})", flush=True)
@@ -254,10 +254,11 @@ def describe_blocks(dropped: dict) -> str:
     return ", ".join(f"{n} {reason}" for reason, n in dropped.items())
 
 
-def evaluate_stage(config: PipelineConfig, teacher: str, cllm_dir: str, collected: dict | None = None) -> dict:
+def evaluate_stage(config: PipelineConfig, teacher: str, cllm_dir: str, collected: dict | None = None,
+                   tasks: tuple[Task, Task] | None = None) -> dict:
     from cllm.evaluate import data_summary, evaluate_models, evaluation_stages, markdown_table, write_report
 
-    collect_task, task = load_data(config)
+    collect_task, task = tasks or load_data(config)  # the splits run_pipeline already read, when it passes them
     metric, reason = task.metric(config.eval.metric)
     results = evaluate_models({"teacher": teacher, "cllm": cllm_dir}, task, methods=config.eval.methods,
                               decode=config, chat=config.chat, device="cuda" if config.use_gpu else "cpu",

@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 CACHE_ENV = "CLLM_HOME"
 METADATA_FILE = TEACHER_METADATA
 RECIPE_VERSION = 3  # bump when the task, the tokenizer or the training code changes the weights
+CHAT_TEMPLATE_FILE = "chat_template.jinja"  # where transformers 5 saves a tokenizer's chat template
 MAX_ANSWER_TOKENS = 160  # built-in answers are at most about 100 tokens
 
 
@@ -83,9 +84,11 @@ def ensure_builtin_teacher(cache_dir: str | Path | None = None, config: TeacherC
     config = config or TeacherConfig()
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     target = cache_dir / config.cache_key()
+    if is_complete(target) and has_chat_template(target):
+        return target  # cached and current: no lock, so a read-only cache works
     cache_dir.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target) + ".lock"):
-        if is_complete(target):  # cached, or another process trained it while we waited
+        if is_complete(target):  # cached before the chat template existed, or trained while we waited
             add_chat_template(target)
             return target
         log.warning("training the built-in teacher into %s (once; 1,200 steps, 10-45 minutes on 2 CPU cores)", target)
@@ -145,6 +148,10 @@ def build_tokenizer(problems: list[arith.Problem], config: TeacherConfig, direct
     tokenizer.chat_template = arith.CHAT_TEMPLATE  # chat clients get the task's own prompt format
     tokenizer.save_pretrained(str(directory))
     return tokenizer
+
+
+def has_chat_template(model_dir: Path) -> bool:
+    return (model_dir / CHAT_TEMPLATE_FILE).is_file()
 
 
 def add_chat_template(model_dir: Path) -> None:
