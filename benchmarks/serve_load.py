@@ -5,18 +5,23 @@ batching side by side.
     python benchmarks/serve_load.py --model DIR --concurrency 1,16 --requests-per-client 4 --max-tokens 64
     python benchmarks/serve_load.py --model DIR --engines continuous --modes jacobi  # one variant only
     python benchmarks/serve_load.py --url http://127.0.0.1:8000 --model-name cllm   # a server already running
+    python benchmarks/serve_load.py --model DIR --concurrency 1,4,16,64 --arrival-rates 6  # + open loop
 
 It starts a local Ray with the same application once per variant (`/jacobi-continuous`, `/ar-static`, ...:
 same model, same replica resources, only `mode` and `engine` differ), warms each up, then for each
-concurrency level drives each variant in turn with a bounded number of requests, and prints requests/s,
-tokens/s, p50/p99 latency, time to first token (streaming) and tokens per forward. Every variant decodes
-greedily, so all must answer identically; it checks that too.
+concurrency level drives each variant in turn with a bounded number of requests (closed loop: each client
+sends its next request when the last one is answered), then, for each `--arrival-rates` value, sends
+requests at Poisson-distributed times whatever the server's pace (open loop). It prints requests/s,
+tokens/s, p50/p99 latency, p50/p99 time to first token (streaming), tokens per forward and errors. Every
+variant decodes greedily, so all must answer identically, and equal to `generate` run here on the same
+model (`--check`); it checks both.
 Prompts are the built-in task's test problems.
 """
 
 from __future__ import annotations
 
 import json
+import random
 import socket
 import sys
 import time
@@ -44,6 +49,9 @@ class LoadConfig(StageConfig):
     max_tokens_per_step: int = Field(64, ge=1)  # continuous engine's per-pass token budget
     concurrency: list[int] = [1, 16]
     requests_per_client: int = Field(4, ge=1)
+    arrival_rates: list[float] = []  # open loop: requests per second, Poisson arrivals
+    open_loop_requests: int = Field(64, ge=1)  # requests sent at each arrival rate
+    check: bool = True  # compare every answer with greedy `generate` on the same model, in this process
     max_tokens: int = Field(64, ge=1)
     stream: bool = True  # stream answers, which also measures time to first token
     block_size: int = Field(16, ge=1)
@@ -61,6 +69,16 @@ class Outcome:
     tokens: int
     forward_passes: int
     text: str
+    error: str | None = None
+
+
+def attempt(base: str, payload: dict, stream: bool, timeout: float) -> Outcome:
+    """`complete`, with a failure counted as an outcome instead of ending the run."""
+    start = time.perf_counter()
+    try:
+        return complete(base, payload, stream, timeout)
+    except (OSError, RuntimeError, ValueError) as err:  # HTTP errors, resets, timeouts, bad events
+        return Outcome(time.perf_counter() - start, None, 0, 0, "", error=f"{type(err).__name__}: {err}")
 
 
 def post_json(url: str, payload: dict, timeout: float):
@@ -113,7 +131,7 @@ def run_load(base: str, cfg: LoadConfig, model_name: str, prompts: list[str], co
         for r in range(cfg.requests_per_client):
             prompt = prompts[(c * cfg.requests_per_client + r) % len(prompts)]
             payload = {"model": model_name, "prompt": prompt, "max_tokens": cfg.max_tokens}
-            results.append((prompt, complete(base, payload, cfg.stream, cfg.request_timeout_s)))
+            results.append((prompt, attempt(base, payload, cfg.stream, cfg.request_timeout_s)))
         return results
 
     start = time.perf_counter()
@@ -123,22 +141,46 @@ def run_load(base: str, cfg: LoadConfig, model_name: str, prompts: list[str], co
     return [item for results in per_client for item in results], wall
 
 
+def run_open_loop(base: str, cfg: LoadConfig, model_name: str, prompts: list[str], rate: float):
+    """Requests sent at Poisson arrival times (`rate` per second), each on its own thread."""
+    arrivals = random.Random(cfg.seed)
+    schedule, at = [], 0.0
+    for _ in range(cfg.open_loop_requests):
+        at += arrivals.expovariate(rate)
+        schedule.append(at)
+
+    def request(index: int) -> tuple[str, Outcome]:
+        time.sleep(max(0.0, start + schedule[index] - time.perf_counter()))
+        prompt = prompts[index % len(prompts)]
+        payload = {"model": model_name, "prompt": prompt, "max_tokens": cfg.max_tokens}
+        return prompt, attempt(base, payload, cfg.stream, cfg.request_timeout_s)
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(cfg.open_loop_requests) as pool:
+        results = list(pool.map(request, range(cfg.open_loop_requests)))
+    return results, time.perf_counter() - start
+
+
 def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
 
 
 def summarize(results: list[tuple[str, Outcome]], wall: float) -> dict:
-    outcomes = [o for _, o in results]
+    outcomes = [o for _, o in results if o.error is None]
     latencies = [o.latency for o in outcomes]
     firsts = [o.first_token for o in outcomes if o.first_token is not None]
     return {
-        "requests": len(outcomes),
+        "requests": len(results),
+        "errors": len(results) - len(outcomes),
         "req_per_s": len(outcomes) / wall,
         "tok_per_s": sum(o.tokens for o in outcomes) / wall,
         "p50_s": percentile(latencies, 50),
         "p99_s": percentile(latencies, 99),
-        "ttft_p50_s": percentile(firsts, 50) if firsts else float("nan"),
+        "ttft_p50_s": percentile(firsts, 50),
+        "ttft_p99_s": percentile(firsts, 99),
         # each request's first token comes from prefill, as in JacobiOutput.tokens_per_forward
         "tpf": sum(o.tokens - 1 for o in outcomes) / max(1, sum(o.forward_passes for o in outcomes)),
     }
@@ -214,18 +256,25 @@ def main(argv: list[str] | None = None) -> None:
                 cfg.stream,
                 cfg.request_timeout_s,
             )
-        for concurrency in cfg.concurrency:
+        loads = [(str(c), lambda base, c=c: run_load(base, cfg, names, prompts, c)) for c in cfg.concurrency]
+        loads += [(f"{rate:g}/s", lambda base, rate=rate: run_open_loop(base, cfg, names, prompts, rate))
+                  for rate in cfg.arrival_rates]
+        for level, load in loads:
             for mode, base in urls.items():
-                results, wall = run_load(base, cfg, names, prompts, concurrency)
-                texts[mode] = dict((p, o.text) for p, o in results)
-                rows.append({"concurrency": concurrency, "mode": mode, **summarize(results, wall)})
-                print(f"  done: concurrency {concurrency}, {mode}", file=sys.stderr, flush=True)
+                results, wall = load(base)
+                texts.setdefault(mode, {}).update((p, o.text) for p, o in results if o.error is None)
+                rows.append({"concurrency": level, "mode": mode, **summarize(results, wall)})
+                print(f"  done: load {level}, {mode}", file=sys.stderr, flush=True)
         print_table(rows)
         if len(texts) > 1:
             first, *others = texts.values()
             common = set(first).intersection(*others)
             same = all(other[p] == first[p] for other in others for p in common)
             print(f"all {len(texts)} variants' answers identical on {len(common)} prompts: {same}")
+        if cfg.check and cfg.model is not None:
+            answered = {p: t for variant in texts.values() for p, t in variant.items()}
+            wrong = sum(any(v.get(p, t) != t for v in texts.values()) for p, t in greedy_texts(cfg, answered).items())
+            print(f"answers equal to generate(do_sample=False) run here: {len(answered) - wrong}/{len(answered)}")
     except urllib.error.HTTPError as err:
         sys.exit(f"server refused a request: {err.code} {err.read().decode(errors='replace')}")
     finally:
@@ -233,17 +282,36 @@ def main(argv: list[str] | None = None) -> None:
             stop_servers()
 
 
+def greedy_texts(cfg: LoadConfig, answered: dict[str, str]) -> dict[str, str]:
+    """What `generate(do_sample=False)` answers to each prompt, decoded alone on this process's CPU."""
+    import torch
+
+    from cllm.models import load_model
+    from cllm.teacher import resolve_model
+
+    loaded = load_model(resolve_model(cfg.model), device="cpu", dtype="float32")
+    tokenizer, expected = loaded.tokenizer, {}
+    for prompt in answered:
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            out = loaded.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                        max_new_tokens=cfg.max_tokens, pad_token_id=tokenizer.pad_token_id,
+                                        eos_token_id=tokenizer.eos_token_id)
+        expected[prompt] = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    return expected
+
+
 def print_table(rows: list[dict]) -> None:
     header = (
-        f"{'conc':>4} {'variant':>17} {'reqs':>5} {'req/s':>7} {'tok/s':>8} {'p50 s':>7} {'p99 s':>7} "
-        f"{'ttft50 s':>8} {'tok/fwd':>7}"
+        f"{'load':>6} {'variant':>17} {'reqs':>5} {'errs':>4} {'req/s':>7} {'tok/s':>8} {'p50 s':>7} {'p99 s':>7} "
+        f"{'ttft50 s':>8} {'ttft99 s':>8} {'tok/fwd':>7}"
     )
     print(header)
     for r in rows:
         print(
-            f"{r['concurrency']:>4} {r['mode']:>17} {r['requests']:>5} {r['req_per_s']:>7.2f} "
+            f"{r['concurrency']:>6} {r['mode']:>17} {r['requests']:>5} {r['errors']:>4} {r['req_per_s']:>7.2f} "
             f"{r['tok_per_s']:>8.1f} {r['p50_s']:>7.3f} {r['p99_s']:>7.3f} {r['ttft_p50_s']:>8.3f} "
-            f"{r['tpf']:>7.2f}"
+            f"{r['ttft_p99_s']:>8.3f} {r['tpf']:>7.2f}"
         )
     by_level = {}
     for r in rows:

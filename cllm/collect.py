@@ -23,11 +23,19 @@ import pyarrow as pa
 import ray
 import torch
 from pydantic import BaseModel, Field
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from transformers import GenerationConfig
 
 from cllm.config import StageConfig
 from cllm.decoding import DecodeFields, special_tokens
-from cllm.models import BUILTIN_MODEL, causal_lm_config, context_length, load_model, load_tokenizer
+from cllm.models import (
+    BUILTIN_MODEL,
+    absolute_if_local,
+    causal_lm_config,
+    context_length,
+    load_model,
+    load_tokenizer,
+)
 from cllm.tasks import READ_REASONS, SET_ASIDE_REASONS, DataFields
 from cllm.trajectories import (
     PROMPT_TOO_LONG,
@@ -133,7 +141,7 @@ def plan_collection(config: CollectConfig, resolve_model: Callable[[str], str] =
     builds the built-in teacher); it runs after the dataset loaded, so bad data fails before any model work.
     """
     task = config.load_split(config.split, config.limit, config.seed)
-    model_path = resolve_model(config.model)
+    model_path = absolute_if_local(resolve_model(config.model))
     context = context_length(SimpleNamespace(config=causal_lm_config(model_path)))
     tokenizer = load_tokenizer(model_path)
     special = special_tokens(tokenizer, generation_config(model_path))
@@ -240,7 +248,9 @@ def decode_and_write(
     actors = min(config.actors, len(batches))
     gpus = gpus_per_actor(config)
     check_resources(actors, config.cpus_per_actor, gpus)
-    stats = RunStats.remote()
+    # On the driver's node: a worker node lost mid-run must not take the batches' stats with it.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    stats = RunStats.options(scheduling_strategy=here).remote()
     started = time.perf_counter()
     dataset = ray.data.from_items(batches, override_num_blocks=len(batches))  # one block per batch
     trajectories = dataset.map_batches(

@@ -3,7 +3,8 @@
 Two record kinds (Parquet rows, read as dicts of Python lists):
 - AR records `{prompt_ids, target_ids}`: next-token training on target_ids (the teacher's pretraining).
 - Trajectory records (spec §2) `{prompt_id, block_idx, prompt_len, prefix_ids, states, fixed_point,
-  num_iters, eos_in_block, labels?}`: each gives one consistency example and one AR example.
+  num_iters, eos_in_block, labels?}`: each gives one consistency example and one AR example, or, for the
+  progressive objective, the consecutive blocks of one prompt in a batch pack into one sequence.
 
 Batches are right-padded to their longest sequence; `attention_mask` marks real tokens and padding
 never carries loss.
@@ -13,10 +14,20 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 
-from cllm.losses import IGNORE_INDEX, consistency_loss_mask
+from cllm.losses import (
+    ANSWER_SEGMENT,
+    IGNORE_INDEX,
+    PAD_SEGMENT,
+    PROMPT_SEGMENT,
+    RESPONSE_SEGMENT,
+    clean_segment,
+    consistency_loss_mask,
+    noisy_segment,
+)
 
 AR_COLUMNS = ("prompt_ids", "target_ids")
 TRAJECTORY_COLUMNS = ("prompt_len", "prefix_ids", "states", "fixed_point")
@@ -73,16 +84,24 @@ def teacher_ar_example(record: dict, mask_prompt: bool = True) -> tuple[list[int
     return ids, labels
 
 
-def labels_ar_example(
-    record: dict, eos_token_ids: Sequence[int], mask_prompt: bool = True
-) -> tuple[list[int], list[int]] | None:
-    """AR on the dataset's ground-truth answer (EOS appended if missing); None when the record has none."""
+def ground_truth_answer(record: dict, eos_token_ids: Sequence[int]) -> list[int] | None:
+    """The record's dataset answer with EOS appended if missing; None when it has none."""
     answer = record.get("labels")
     if not answer:
         return None
     answer = list(answer)
     if eos_token_ids and answer[-1] not in eos_token_ids:
         answer.append(eos_token_ids[0])
+    return answer
+
+
+def labels_ar_example(
+    record: dict, eos_token_ids: Sequence[int], mask_prompt: bool = True
+) -> tuple[list[int], list[int]] | None:
+    """AR on the dataset's ground-truth answer (EOS appended if missing); None when the record has none."""
+    answer = ground_truth_answer(record, eos_token_ids)
+    if answer is None:
+        return None
     prompt = list(record["prefix_ids"][: record["prompt_len"]])
     labels = ([IGNORE_INDEX] * len(prompt) if mask_prompt else prompt) + answer
     return prompt + answer, labels
@@ -162,7 +181,8 @@ def collate_consistency(
     number of forwards (ZeRO-3 gathers weights in each).
     """
     if consistency not in ("global", "local"):
-        raise ValueError(f"consistency must be 'global' or 'local', got {consistency!r}")
+        raise ValueError(f"consistency must be 'global' or 'local' here (progressive: collate_progressive), "
+                         f"got {consistency!r}")
     if ar_source not in ("teacher", "labels"):
         raise ValueError(f"ar_source must be 'teacher' or 'labels', got {ar_source!r}")
     eos_token_ids = list(eos_token_ids)
@@ -201,3 +221,214 @@ def collate_consistency(
         batch["ar_input_ids"] = pad_right(ar_ids, pad_token_id)
         batch["ar_attention_mask"] = attention_mask_of(ar_ids)
     return batch
+
+
+# ----- progressive objective: the consecutive blocks of a prompt packed into one sequence -----
+#
+# One row of the batch is `context | noisy_0 | clean_0 | noisy_1 | clean_1 | ... | answer?`: the context is
+# the first block's prefix, noisy_k a scheduled state of block k and clean_k its fixed point, both at the
+# positions block k has in the response. `cllm.losses.packed_attention_mask` turns the segment and position
+# of every token into the block-structured mask, so one forward gives the student logits (noisy blocks)
+# and the targets (clean blocks) of every block at once.
+#
+# A noisy block sees the earlier CLEAN blocks, not the earlier noisy ones (Jacobi Forcing's choice): the
+# engine decodes one block at a time on top of committed, exact tokens, so that is the prefix a block has
+# when it is refined; each noisy block then gets exactly the global-consistency loss of its own record
+# (tests/test_losses.py checks it, gradients included). Conditioning on earlier noisy blocks would train
+# for multi-block decoding, where later blocks are drafted on unconverged ones.
+
+
+def block_chains(records: Sequence[dict]) -> list[list[dict]]:
+    """The records as runs of consecutive blocks of one prompt, each run in block order.
+
+    Block b continues the run when its prefix is the previous block's prefix plus that block's fixed point;
+    a block dropped by cleaning (or fed in another batch) breaks the run, and the next block starts a new
+    one whose context is its own prefix. Runs keep the order in which their prompts first appear.
+    """
+    by_prompt: dict[tuple, list[dict]] = {}
+    for index, record in enumerate(records):
+        prompt_id = record.get("prompt_id")
+        key = ("prompt", prompt_id) if prompt_id is not None else ("row", index)
+        by_prompt.setdefault(key, []).append(record)
+    chains = []
+    for blocks in by_prompt.values():
+        blocks = sorted(blocks, key=lambda r: r.get("block_idx") or 0)
+        chains.append([blocks[0]])
+        for block in blocks[1:]:
+            last = chains[-1][-1]
+            if list(block["prefix_ids"]) == list(last["prefix_ids"]) + list(last["fixed_point"]):
+                chains[-1].append(block)
+            else:
+                chains.append([block])
+    return chains
+
+
+def fit_chains(chains: Sequence[list[dict]], max_len: int | None) -> list[list[dict]]:
+    """Split runs whose positions would pass `max_len` (a run spans its context plus its blocks)."""
+    if max_len is None:
+        return list(chains)
+    fitted = []
+    for chain in chains:
+        run, span = [], 0
+        for block in chain:
+            n_block = len(block["fixed_point"])
+            if n_block > max_len:
+                raise ValueError(f"{record_name(block)}: block of {n_block} tokens exceeds max_len {max_len}")
+            if run and span + n_block > max_len:
+                fitted.append(run)
+                run = []
+            if not run:
+                span = len(block["prefix_ids"])
+            run.append(block)
+            span += n_block
+        fitted.append(run)
+    return fitted
+
+
+def noise_target(block_idx: int, levels: tuple[float, float], period: int) -> float:
+    """The fraction of wrong tokens block `block_idx` trains on: linear from easy to hard, every `period` blocks."""
+    low, high = levels
+    return low + (high - low) * (block_idx % period) / (period - 1) if period > 1 else low
+
+
+def wrong_fraction(state: Sequence[int], fixed_point: Sequence[int]) -> float:
+    return sum(a != b for a, b in zip(state, fixed_point, strict=False)) / len(fixed_point)
+
+
+def scheduled_state(record: dict, target: float) -> list[int]:
+    """The state whose fraction of wrong tokens is closest to `target` (the noisier on a tie); y* if none."""
+    fixed_point = list(record["fixed_point"])
+    states = [list(s)[: len(fixed_point)] for s in record["states"] or []]
+    if not states:
+        return fixed_point
+    return min(states, key=lambda state: abs(wrong_fraction(state, fixed_point) - target))
+
+
+def kept_block_tokens(state: Sequence[int], fixed_point: Sequence[int], eos_token_ids: Sequence[int]) -> range:
+    """Block tokens whose predictions carry consistency loss: first wrong token .. first EOS of y*.
+
+    The same rule as `cllm.losses.consistency_loss_mask`, indexed by the predicted token.
+    """
+    wrong = [i for i, (a, b) in enumerate(zip(state, fixed_point, strict=True)) if a != b]
+    if not wrong:
+        return range(0)
+    return range(wrong[0], eos_length(fixed_point, eos_token_ids))
+
+
+def eos_length(fixed_point: Sequence[int], eos_token_ids: Sequence[int]) -> int:
+    """Tokens of y* up to and including its first EOS (all of them without one)."""
+    eos = set(eos_token_ids)
+    return next((i + 1 for i, token in enumerate(fixed_point) if token in eos), len(fixed_point))
+
+
+@dataclass
+class PackedRow:
+    """One packed sequence, per token: id, position, segment, the index of the token whose logit predicts
+    it, its clean partner (noisy tokens: the same block position in y*), consistency flag and AR label."""
+
+    ids: list[int] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    segments: list[int] = field(default_factory=list)
+    predictors: list[int] = field(default_factory=list)
+    partners: list[int] = field(default_factory=list)
+    kl: list[int] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+
+    def add(self, token: int, position: int, segment: int, predictor: int, *,
+            partner: int = 0, kl: bool = False, label: int = IGNORE_INDEX) -> None:
+        self.ids.append(token)
+        self.positions.append(position)
+        self.segments.append(segment)
+        self.predictors.append(predictor)
+        self.partners.append(partner)
+        self.kl.append(int(kl))
+        self.labels.append(label)
+
+
+def pack_chain(
+    chain: Sequence[dict],
+    *,
+    eos_token_ids: Sequence[int],
+    answer: list[int] | None,
+    noise_levels: tuple[float, float],
+    noise_period: int,
+    mask_prompt: bool = True,
+    cut: int = 0,
+) -> PackedRow:
+    """`context | noisy_0 | clean_0 | ... | answer?` for one run of blocks.
+
+    AR labels sit on the answer (the dataset's ground truth) when given, else on the clean blocks up to
+    EOS (and on the prompt unless `mask_prompt`). `cut` drops that many tokens from the left of the
+    context (positions then start at 0).
+    """
+    row = PackedRow()
+    context = list(chain[0]["prefix_ids"])[cut:]
+    prompt_len = chain[0]["prompt_len"] - cut
+    for i, token in enumerate(context):
+        in_prompt = i < prompt_len
+        label = token if in_prompt and i > 0 and not mask_prompt else IGNORE_INDEX
+        row.add(token, i, PROMPT_SEGMENT if in_prompt else RESPONSE_SEGMENT, max(i - 1, 0), label=label)
+    before_block = len(context) - 1  # the token whose logit predicts the next block's first token
+    for k, record in enumerate(chain):
+        fixed_point = list(record["fixed_point"])
+        n, start = len(fixed_point), len(context) + sum(len(r["fixed_point"]) for r in chain[:k])
+        state = scheduled_state(record, noise_target(record.get("block_idx", k), noise_levels, noise_period))
+        kept = kept_block_tokens(state, fixed_point, eos_token_ids)
+        n_ar = 0 if answer else eos_length(fixed_point, eos_token_ids)
+        noisy, clean = len(row.ids), len(row.ids) + n
+        for i, token in enumerate(state):
+            row.add(token, start + i, noisy_segment(k), before_block if i == 0 else noisy + i - 1,
+                    partner=clean + i, kl=i in kept)
+        for i, token in enumerate(fixed_point):
+            row.add(token, start + i, clean_segment(k), before_block if i == 0 else clean + i - 1,
+                    label=token if i < n_ar else IGNORE_INDEX)
+        before_block = clean + n - 1
+    for i, token in enumerate(answer or ()):
+        row.add(token, prompt_len + i, ANSWER_SEGMENT, prompt_len - 1 if i == 0 else len(row.ids) - 1, label=token)
+    return row
+
+
+def collate_progressive(
+    records: Sequence[dict],
+    *,
+    pad_token_id: int,
+    eos_token_ids: Sequence[int] = (),
+    ar_source: str = "teacher",
+    noise_levels: tuple[float, float] = (0.0, 1.0),
+    noise_period: int = 4,
+    mask_prompt: bool = True,
+    max_len: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """Batch of trajectory records for `cllm.losses.progressive_loss`: one packed row per run of blocks.
+
+    Keys: input_ids, position_ids, segment_ids (PAD_SEGMENT on padding), attention_mask (real tokens),
+    predictor (index of the logit that predicts each token), partner (a noisy token's clean partner),
+    kl_mask (noisy tokens carrying consistency loss), ar_labels. With ar_source "labels", a record's
+    ground-truth answer rides in the same row as one more segment that sees only the prompt.
+    `max_len` bounds the positions a row spans, as it bounds `collate_consistency`'s sequences.
+    """
+    if ar_source not in ("teacher", "labels"):
+        raise ValueError(f"ar_source must be 'teacher' or 'labels', got {ar_source!r}")
+    eos_token_ids = list(eos_token_ids)
+    for record in records:
+        check_trajectory(record)
+    rows = []
+    for chain in fit_chains(block_chains(records), max_len):
+        span = len(chain[0]["prefix_ids"]) + sum(len(r["fixed_point"]) for r in chain)
+        cut = max(0, span - max_len) if max_len is not None else 0
+        answer = ground_truth_answer(chain[0], eos_token_ids) if ar_source == "labels" else None
+        if answer and (cut or (max_len is not None and chain[0]["prompt_len"] + len(answer) > max_len)):
+            answer = None  # does not fit: AR on the clean blocks, as a record without labels
+        rows.append(pack_chain(chain, eos_token_ids=eos_token_ids, answer=answer,
+                               noise_levels=noise_levels, noise_period=noise_period, mask_prompt=mask_prompt,
+                               cut=cut))
+    return {
+        "input_ids": pad_right([r.ids for r in rows], pad_token_id),
+        "position_ids": pad_right([r.positions for r in rows], 0),
+        "segment_ids": pad_right([r.segments for r in rows], PAD_SEGMENT),
+        "attention_mask": attention_mask_of([r.ids for r in rows]),
+        "predictor": pad_right([r.predictors for r in rows], 0),
+        "partner": pad_right([r.partners for r in rows], 0),
+        "kl_mask": pad_right([r.kl for r in rows], 0).bool(),
+        "ar_labels": pad_right([r.labels for r in rows], IGNORE_INDEX),
+    }

@@ -15,7 +15,8 @@ Cache layout: one rectangle [rows, columns] plus a boolean mask of the same shap
 columns are aligned to the right end of the running rectangle, the narrower side padded on the left with
 masked entries, exactly like a left-padded prompt. Every row's position ids are its own (`Row.position`)
 and masked entries are never seen, so a row's tokens do not depend on who shares its steps or when it
-arrived: each request decodes to greedy `generate(do_sample=False)` of its prompt alone.
+arrived: each request decodes to greedy `generate(do_sample=False)` of its prompt alone, or, with sampling
+settings (`DecodeJob.sampling`), to `ar_generate` of its prompt alone with the same settings.
 
 A window of one token is one AR step: `mode="ar"` is this engine with block size 1. Nothing here imports Ray.
 """
@@ -265,7 +266,9 @@ class Engine:
         input_ids, prompt_mask = left_pad([job.prompt_ids for job in jobs], self.pad_id, device=device)
         prompt_mask = prompt_mask.bool()
         try:
-            cache, first_tokens = prefill(self.model, self.layout, input_ids, prompt_mask)
+            cache, first_tokens = prefill(
+                self.model, self.layout, input_ids, prompt_mask, [job.sampling for job in jobs]
+            )
         except Exception as err:
             logger.exception("prefill failed; failing its %d requests", len(jobs))
             for entry in entries:
@@ -282,7 +285,8 @@ class Engine:
     def new_row(self, job: DecodeJob) -> Row:
         self.next_index += 1
         pool = NgramPool(self.block_size) if self.init == "ngram" else None
-        return Row(index=self.next_index, prompt=list(job.prompt_ids), budget=job.max_tokens, pool=pool)
+        return Row(index=self.next_index, prompt=list(job.prompt_ids), budget=job.max_tokens, pool=pool,
+                   sampling=job.sampling)
 
     def join(self, entries: list[Running], cache: DynamicCache, prompt_mask: torch.Tensor) -> None:
         """The new rows become running rows; their cache rows go below the running ones.

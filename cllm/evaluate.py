@@ -24,10 +24,12 @@ from pydantic import BaseModel, Field
 from cllm.decoding import DecodeFields, response_budget, special_tokens
 from cllm.jacobi import ar_generate, jacobi_generate
 from cllm.models import LoadedModel, context_length, format_prompt, load_model
+from cllm.multiblock import multiblock_generate
 from cllm.tasks import Metric, Task, choose_metric, describe_set_aside, score
 from cllm.trajectories import EMPTY_PROMPT, PROMPT_TOO_LONG
 
-METHODS = ("hf_greedy", "ar", "jacobi", "jacobi_ngram", "hf_prompt_lookup")
+METHODS = ("hf_greedy", "ar", "jacobi", "jacobi_ngram", "hf_prompt_lookup", "multiblock")
+DEFAULT_METHODS = METHODS  # what a run compares unless told (the teacher: EvalOptions.teacher_methods)
 BASELINE = "hf_greedy"
 Method = Literal[METHODS]
 
@@ -37,7 +39,10 @@ class EvalOptions(BaseModel):
 
     split: str = "test"
     limit: int = Field(100, ge=1)
-    methods: list[Method] = Field(default_factory=lambda: list(METHODS), min_length=1)
+    methods: list[Method] = Field(default_factory=lambda: list(DEFAULT_METHODS), min_length=1)
+    # The pipeline's teacher rows: its accuracy and plain Jacobi's TPF before consistency training. The
+    # other baselines say nothing new on the teacher and cost a third of a first run's evaluation.
+    teacher_methods: list[Method] = Field(default_factory=lambda: ["ar", "jacobi"], min_length=1)
     metric: Metric = "auto"  # numeric (GSM8K), exact (trimmed text), none, or auto (cllm.tasks.scoring)
 
 
@@ -90,7 +95,8 @@ def count_forwards(model):
 def decoders(loaded: LoadedModel, *, decode: DecodeFields, lookup_tokens: int) -> dict[str, Callable]:
     """Each method as `fn(input_ids, max_new_tokens) -> (new token ids, commit histogram or None)`, batch 1.
 
-    "jacobi" uses the configured initial guess (default: from the prompt), "jacobi_ngram" the n-gram pool.
+    "jacobi" uses the configured initial guess (default: from the prompt), "jacobi_ngram" the n-gram pool,
+    "multiblock" two blocks in flight with rejection recycling (`cllm.multiblock`).
     """
     model = loaded.model
     special = special_tokens(loaded.tokenizer, model.generation_config)
@@ -116,6 +122,7 @@ def decoders(loaded: LoadedModel, *, decode: DecodeFields, lookup_tokens: int) -
         "jacobi": ours(jacobi_generate, init=decode.init, **jacobi),
         "jacobi_ngram": ours(jacobi_generate, init="ngram", **jacobi),
         "hf_prompt_lookup": hf(prompt_lookup_num_tokens=lookup_tokens),
+        "multiblock": ours(multiblock_generate, init=decode.init, block_size=decode.block_size),
     }
 
 
@@ -167,8 +174,10 @@ def evaluate_model(
         raise ValueError(f"no prompt can be decoded: {describe_set_aside(set_aside)} "
                          f"(the model's context is {context} tokens): nothing to evaluate")
     budgets = [response_budget(decode.max_new_tokens, context, [ids.shape[1]]) for ids in encoded]
-    for method in methods:  # warm-up: first calls pay for allocation and lazy initialisation
-        run[method](encoded[0], budgets[0])
+    # Warm-up: first calls pay for allocation and lazy initialisation. One block's worth covers prefill, a
+    # Jacobi pass and a roll-back; a whole extra decode per method costs minutes at real size on a CPU.
+    for method in methods:
+        run[method](encoded[0], min(budgets[0], decode.block_size))
     for ids, budget in zip(encoded, budgets, strict=True):
         reference = None
         for method in methods:
@@ -230,18 +239,20 @@ def evaluate_models(
     chat: bool = False,
     device: str | None = None,
     metric: str = "auto",
+    methods_of: dict[str, Sequence[str]] | None = None,
 ) -> list[MethodResult]:
     """Every method on every model ({label: model directory or hub name}), on the same prompts, in one run.
 
-    `metric` is resolved once for the task (`Task.metric`), so every model is scored the same way.
+    `methods_of` gives some labels their own methods. `metric` is resolved once for the task
+    (`Task.metric`), so every model is scored the same way.
     """
     metric = task.metric(metric)[0]
     results = []
     for label, path in models.items():
         loaded = load_model(path, device=device)
         results += evaluate_model(
-            loaded, task.prompts, task.answers, label=label, methods=tuple(methods), decode=decode, chat=chat,
-            metric=metric,
+            loaded, task.prompts, task.answers, label=label, methods=tuple((methods_of or {}).get(label, methods)),
+            decode=decode, chat=chat, metric=metric,
         )
     return results
 
@@ -351,7 +362,7 @@ def plot_report(results: list[MethodResult], directory: Path) -> list[Path]:
         paths.append(directory / name)
     fig, ax = plt.subplots(figsize=(8, 4))
     for r in results:
-        if r.commit_histogram and r.method.startswith("jacobi"):
+        if r.commit_histogram and r.method.startswith(("jacobi", "multiblock")):
             total = sum(r.commit_histogram.values())
             ks = sorted(r.commit_histogram)
             ax.plot(ks, [r.commit_histogram[k] / total for k in ks], marker="o", label=f"{r.model} {r.method}")

@@ -4,6 +4,8 @@ A block of n tokens is the unknown of n equations y_i = argmax p(. | x, y_<i). O
 block's live window refines every position at once; the leading run that already agrees with its own
 predictions is final (committed into the KV cache), the rest is re-guessed by those predictions. The fixed
 point is the greedy autoregressive output, so the result equals `generate(do_sample=False)` token for token.
+With sampling settings the argmax becomes `cllm.sampling.choose_tokens`, whose noise is fixed per output
+position by the seed: the fixed point is then the sequence AR decoding samples with that seed.
 
 The steps, in the order they run:
   prefill          one pass over the prompt; its last logit gives the first token (already correct)
@@ -34,6 +36,7 @@ from transformers import DynamicCache
 from cllm.guesses import GUESS_STRATEGIES, NgramPool, initial_guess
 from cllm.kv_cache import AttentionLayout, check_supported, forward_mask, new_cache
 from cllm.models import cache_keyword, context_length
+from cllm.sampling import SamplingParams, choose_tokens
 
 
 @dataclass
@@ -71,6 +74,7 @@ class Row:
     forwards: int = 0
     done: bool = False
     pool: NgramPool | None = None
+    sampling: SamplingParams | None = None  # None: greedy
 
     @property
     def position(self) -> int:
@@ -99,9 +103,13 @@ class Decoding:
 
 
 def prefill(
-    model, layout: AttentionLayout, input_ids: torch.Tensor, prompt_mask: torch.Tensor
+    model,
+    layout: AttentionLayout,
+    input_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    sampling: Sequence[SamplingParams | None] | None = None,
 ) -> tuple[DynamicCache, list[int]]:
-    """Fill the KV cache with the prompt; the argmax at its last position is the first new token."""
+    """Fill the KV cache with the prompt; the token chosen at its last position is the first new token."""
     cache = new_cache(model)
     position_ids = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)
     logits = model(
@@ -112,14 +120,16 @@ def prefill(
         use_cache=True,
         logits_to_keep=1,
     ).logits
-    return cache, logits[:, -1].argmax(-1).tolist()
+    return cache, choose_tokens(logits[:, -1:], sampling, [0] * len(logits))[:, 0].tolist()
 
 
 def jacobi_forward(
     model, layout: AttentionLayout, cache: DynamicCache, cache_mask: torch.Tensor, rows: list[Row], pad_token_id: int
 ) -> list[list[int]]:
-    """One Jacobi iteration for every row: forward the live windows, return the greedy prediction at each slot.
+    """One Jacobi iteration for every row: forward the live windows, return the prediction at each slot.
 
+    The prediction is the argmax, or the row's sampled choice with the noise of the slot's output position
+    (`cllm.sampling`), so the fixed point is the sequence AR decoding samples with the same seed.
     Windows are right-padded to the widest; a pad slot sits after the real tokens, so under causal
     attention it changes nothing before it, and its KV is dropped by `roll_back_cache`.
     """
@@ -129,7 +139,9 @@ def jacobi_forward(
     for i, row in enumerate(rows):
         tokens[i, : len(row.window)] = torch.tensor(row.window)
     starts = torch.tensor([row.position for row in rows])
-    position_ids = (starts[:, None] + torch.arange(width)).to(device)
+    last = torch.tensor([len(row.window) - 1 for row in rows])
+    # a pad slot repeats its row's last position: a row ending at the context must not index past it
+    position_ids = (starts[:, None] + torch.minimum(torch.arange(width), last[:, None])).to(device)
     window_mask = torch.ones(len(rows), width, dtype=torch.bool, device=device)
     key_mask = torch.cat([cache_mask, window_mask], dim=1)
     logits = model(
@@ -139,7 +151,8 @@ def jacobi_forward(
         **{cache_keyword(type(model)): cache},
         use_cache=True,
     ).logits
-    return logits.argmax(-1).tolist()
+    first_positions = [len(row.generated) for row in rows]  # window[j] predicts output position len + j
+    return choose_tokens(logits, [row.sampling for row in rows], first_positions).tolist()
 
 
 def agreeing_run(window: list[int], predictions: list[int]) -> int:
@@ -342,18 +355,24 @@ def jacobi_generate(
     return_trajectories: bool = False,
     on_commit: Callable[[int, list[int]], bool | None] | None = None,
     seed: int = 0,
+    sampling: SamplingParams | Sequence[SamplingParams | None] | None = None,
 ) -> JacobiOutput:
-    """Greedy decoding by Jacobi iteration over blocks of `block_size` tokens; exact, only faster.
+    """Greedy (or seeded sampling) decoding by Jacobi iteration over blocks of `block_size` tokens; exact,
+    only faster.
 
     `eos_token_id`/`pad_token_id` mean what they mean when passed explicitly to `generate`: no EOS means
     no early stop; no pad id pads finished rows with the (first) EOS id.
     `max_iters` caps the passes per block: a block still unconverged then restarts from its last
     correct token with fresh guesses (the output does not change).
     `on_commit(row, tokens)` receives tokens as they become final; returning True stops that row.
+    `seed` seeds the random initial guesses of init="prompt" (it never changes the output).
+    `sampling`: one `SamplingParams` for every row, or one per row (None: greedy). A row's output depends
+    only on its prompt and its settings, and equals `ar_generate` with the same settings token for token.
     A model this engine cannot decode exactly raises ValueError up front (see `check_supported`).
     """
     layout = check_supported(model)
     validate_arguments(model, input_ids, attention_mask, max_new_tokens, block_size, init, max_iters)
+    row_sampling = sampling_per_row(sampling, input_ids.shape[0])
     eos_ids = eos_set(eos_token_id)
     if pad_token_id is None:
         pad_token_id = eos_token_id if isinstance(eos_token_id, int) else next(iter(eos_token_id or []), 0)
@@ -375,10 +394,10 @@ def jacobi_generate(
     )
     rows = [
         Row(index=i, prompt=input_ids[i][attention_mask[i]].tolist(), budget=budgets[i],
-            pool=NgramPool(block_size) if init == "ngram" else None)
+            pool=NgramPool(block_size) if init == "ngram" else None, sampling=row_sampling[i])
         for i in range(batch)
     ]
-    cache, first_tokens = prefill(model, layout, input_ids, attention_mask)
+    cache, first_tokens = prefill(model, layout, input_ids, attention_mask, row_sampling)
     cache_mask = attention_mask
     for row, token in zip(rows, first_tokens, strict=True):
         begin_row(row, token, dec)
@@ -403,6 +422,19 @@ def jacobi_generate(
     )
 
 
+def sampling_per_row(
+    sampling: SamplingParams | Sequence[SamplingParams | None] | None, batch: int
+) -> list[SamplingParams | None]:
+    if sampling is None or isinstance(sampling, SamplingParams):
+        return [sampling] * batch
+    rows = list(sampling)
+    if len(rows) != batch:
+        raise ValueError(f"sampling has {len(rows)} entries for a batch of {batch}")
+    if any(params is not None and not isinstance(params, SamplingParams) for params in rows):
+        raise ValueError("sampling entries must be SamplingParams or None")
+    return rows
+
+
 def assemble_sequences(input_ids: torch.Tensor, rows: list[Row], pad_token_id: int) -> torch.Tensor:
     """Prompt plus generated tokens, rows that ended early padded, as `generate` lays them out."""
     width = max(len(row.generated) for row in rows)
@@ -421,8 +453,10 @@ def ar_generate(
     eos_token_id: int | Sequence[int] | None = None,
     pad_token_id: int | None = None,
     on_commit: Callable[[int, list[int]], bool | None] | None = None,
+    sampling: SamplingParams | Sequence[SamplingParams | None] | None = None,
 ) -> JacobiOutput:
-    """Greedy autoregressive decoding on the same engine: a Jacobi block of one token is one AR step."""
+    """Autoregressive decoding (greedy, or sampled with `sampling`) on the same engine: a Jacobi block of one
+    token is one AR step."""
     return jacobi_generate(
         model,
         input_ids,
@@ -432,4 +466,5 @@ def ar_generate(
         eos_token_id=eos_token_id,
         pad_token_id=pad_token_id,
         on_commit=on_commit,
+        sampling=sampling,
     )

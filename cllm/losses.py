@@ -5,6 +5,10 @@ Conventions for every function here: sequences are right-padded `[B, T]` token t
 predicts block token i (sitting at input position P+i, prefix length P, i from 0) is logit P+i-1.
 Consistency targets come from the same model under `torch.no_grad()` (theta-, stop-gradient), so no
 frozen teacher copy is kept.
+
+The progressive objective packs many blocks into one row, where the token before a block token is not
+always the one to its left: its batches carry `predictor`, the index of the logit that predicts each
+token, and its targets are detached rows of the same forward.
 """
 
 from __future__ import annotations
@@ -16,6 +20,22 @@ import torch
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100  # label value that `ar_loss` skips (prompt and padding)
+
+# Segments of a packed progressive row (`cllm.data.collate_progressive`), one id per token.
+PAD_SEGMENT = -1
+PROMPT_SEGMENT = 0
+ANSWER_SEGMENT = 1  # the ground-truth answer: sees the prompt only
+RESPONSE_SEGMENT = 2  # earlier fixed points in the context of a run that starts mid-response
+
+
+def noisy_segment(k: int) -> int:
+    """Block k's scheduled state: 3, 5, 7, ..."""
+    return 3 + 2 * k
+
+
+def clean_segment(k: int) -> int:
+    """Block k's fixed point y*: 4, 6, 8, ..."""
+    return 4 + 2 * k
 
 
 @dataclass
@@ -129,13 +149,16 @@ def cllm_loss(
     ar_weight: float = 10.0,
     label_smoothing: float = 0.0,
 ) -> LossParts:
-    """L = L_consistency + w * L_AR on a batch from `cllm.data.collate_consistency`.
+    """L = L_consistency + w * L_AR on a batch from `cllm.data.collate_consistency` (progressive:
+    from `cllm.data.collate_progressive`).
 
     Without `ar_input_ids` in the batch the AR example is [prefix, y*] itself (global consistency on
     the teacher's output), so one forward gives both the AR logits and the detached GC targets.
     """
+    if consistency == "progressive":
+        return progressive_loss(model, batch, ar_weight=ar_weight, label_smoothing=label_smoothing)
     if consistency not in ("global", "local"):
-        raise ValueError(f"consistency must be 'global' or 'local', got {consistency!r}")
+        raise ValueError(f"consistency must be 'global', 'local' or 'progressive', got {consistency!r}")
     shared = "ar_input_ids" not in batch
     if shared:
         if consistency != "global":
@@ -157,6 +180,72 @@ def cllm_loss(
         l_c = local_consistency_loss(
             model, batch["input_ids"], batch["target_ids"], batch["attention_mask"], batch["loss_mask"]
         )
+    return LossParts(total=l_c + ar_weight * l_ar, consistency=l_c.detach(), ar=l_ar.detach())
+
+
+# ----- progressive objective: every block of a run in one forward -----
+
+
+def packed_attention_mask(segment_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    """Bool `[B, T, T]`, True where query token q may attend to key token k.
+
+    Within a segment, causal by position. Across segments: everything but padding sees the prompt; blocks
+    see the earlier response of the context; noisy_k and clean_k see clean_m for m < k, the prefix block k
+    has at decode time, and never another noisy block or their own block's partner. Padding sees itself
+    (a row with no key would be NaN).
+    """
+    q, k = segment_ids[:, :, None], segment_ids[:, None, :]
+    real_q = q != PAD_SEGMENT
+    is_block_q, is_block_k = q >= noisy_segment(0), k >= noisy_segment(0)
+    block_q, block_k = (q - noisy_segment(0)) // 2, (k - noisy_segment(0)) // 2  # k of noisy_k / clean_k
+    clean_k = is_block_k & ((k - noisy_segment(0)) % 2 == 1)
+    causal = (q == k) & real_q & (position_ids[:, None, :] <= position_ids[:, :, None])
+    sees_prompt = (k == PROMPT_SEGMENT) & (q != PROMPT_SEGMENT) & real_q
+    sees_response = (k == RESPONSE_SEGMENT) & is_block_q
+    sees_earlier_clean = clean_k & is_block_q & (block_k < block_q)
+    length = segment_ids.shape[1]
+    pad_self = ~real_q & torch.eye(length, dtype=torch.bool, device=segment_ids.device)
+    return causal | sees_prompt | sees_response | sees_earlier_clean | pad_self
+
+
+def packed_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """One forward over packed rows: the block mask as a 4D additive float mask, explicit position ids."""
+    allowed = packed_attention_mask(batch["segment_ids"], batch["position_ids"])
+    dtype = next(model.parameters()).dtype
+    additive = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    additive = additive.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+    return model(input_ids=batch["input_ids"], attention_mask=additive, position_ids=batch["position_ids"]).logits
+
+
+def progressive_consistency_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """mean over kept noisy tokens of KL( p_theta-(. | clean prefix) || p_theta(. | noisy prefix) ).
+
+    The student logit of a noisy token is the one that predicts it (its predecessor in the noisy block);
+    the target is the logit that predicts its clean partner, detached. Both are rows of the same forward.
+    """
+    rows, cols = batch["kl_mask"].nonzero(as_tuple=True)
+    predictor = batch["predictor"]
+    student = logits[rows, predictor[rows, cols]]
+    target = logits.detach()[rows, predictor[rows, batch["partner"][rows, cols]]]
+    return masked_kl(target, student, torch.ones(len(rows), dtype=torch.bool, device=logits.device))
+
+
+def packed_ar_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor], label_smoothing: float = 0.0) -> torch.Tensor:
+    """L_AR = mean CE(logit that predicts token t, token t) over the labelled tokens (clean blocks or answer)."""
+    labels = batch["ar_labels"]
+    rows, cols = (labels != IGNORE_INDEX).nonzero(as_tuple=True)
+    predicted = logits[rows, batch["predictor"][rows, cols]].float()
+    total = F.cross_entropy(predicted, labels[rows, cols], label_smoothing=label_smoothing, reduction="sum")
+    return total / max(len(rows), 1)
+
+
+def progressive_loss(
+    model, batch: dict[str, torch.Tensor], *, ar_weight: float = 10.0, label_smoothing: float = 0.0
+) -> LossParts:
+    """L = L_consistency + w * L_AR over every block of every packed row, from one forward."""
+    logits = packed_logits(model, batch)
+    l_c = progressive_consistency_loss(logits, batch)
+    l_ar = packed_ar_loss(logits, batch, label_smoothing)
     return LossParts(total=l_c + ar_weight * l_ar, consistency=l_c.detach(), ar=l_ar.detach())
 
 

@@ -65,6 +65,12 @@ def is_missing_path(name_or_path: str) -> bool:
     return name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1
 
 
+def absolute_if_local(name_or_path: str) -> str:
+    """An existing local path made absolute (Ray's workers run in other directories); a hub name as it is."""
+    path = Path(name_or_path).expanduser()
+    return str(path.resolve()) if path.exists() else name_or_path
+
+
 def is_builtin_teacher(model_dir: str | Path) -> bool:
     return (Path(model_dir) / TEACHER_METADATA).is_file()
 

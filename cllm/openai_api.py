@@ -1,7 +1,8 @@
 """The OpenAI wire format the server speaks: request and response schemas, SSE framing, error bodies.
 
 Pure pydantic, no Ray and no model: the Serve deployment parses with `parse_request`, refuses what
-greedy Jacobi decoding cannot honour with `reject_unsupported`, and answers with the models below.
+Jacobi decoding cannot honour with `reject_unsupported`, and answers with the models below.
+Sampling (temperature, top_p, the `top_k` extension, seed, n) is honoured exactly: see `cllm.sampling`.
 Every failure is an `OpenAIError`, which carries its HTTP status and renders as
 `{"error": {"message", "type", "param", "code"}}` like OpenAI's own errors.
 """
@@ -17,6 +18,7 @@ from typing import Annotated, Any, Literal, TypeVar
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError, model_serializer
 
 MAX_STOP_SEQUENCES = 4
+MAX_CHOICES = 16  # n: samples of one prompt, decoded as rows of one batch
 SSE_DONE = "data: [DONE]\n\n"
 
 
@@ -79,14 +81,15 @@ class _GenerationRequest(_Strict):
     max_tokens: Integer | None = Field(default=None, ge=1)
     temperature: Number | None = Field(default=None, ge=0, le=2)
     top_p: Number | None = Field(default=None, gt=0, le=1)
-    n: Integer | None = Field(default=None, ge=1)
+    top_k: Integer | None = Field(default=None, ge=0)  # extension (vLLM's name): 0 or omitted = off
+    n: Integer | None = Field(default=None, ge=1, le=MAX_CHOICES)
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     presence_penalty: Number | None = None
     frequency_penalty: Number | None = None
     logit_bias: dict[str, Number] | None = None
-    seed: Integer | None = None  # greedy decoding is deterministic: any seed gives the same answer
+    seed: Integer | None = None  # sampling: choice i uses seed + i; omitted: a random one, sent back
     user: str | None = None
 
     def stop_sequences(self) -> list[str]:
@@ -94,7 +97,7 @@ class _GenerationRequest(_Strict):
 
 
 class CompletionRequest(_GenerationRequest):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: str | list[str] | list[Integer] | list[list[Integer]]  # token ids: true or 5.0 is no id
     echo: bool = False
     suffix: str | None = None
     best_of: Integer | None = Field(default=None, ge=1)
@@ -152,6 +155,8 @@ def parse_request(raw: bytes, schema: type[R]) -> R:
         raise OpenAIError(f"request body is not valid JSON: {err.msg} at line {err.lineno} col {err.colno}") from None
     except RecursionError:
         raise OpenAIError("request body is nested too deeply") from None
+    except ValueError:  # an integer beyond Python's int conversion limit (thousands of digits)
+        raise OpenAIError("request body holds a number too long to read") from None
     if not isinstance(data, dict):
         raise OpenAIError(f"request body must be a JSON object, got {type(data).__name__}")
     try:
@@ -180,24 +185,15 @@ def validation_error(err: ValidationError) -> OpenAIError:
 
 
 def reject_unsupported(request: _GenerationRequest) -> None:
-    """Refuse what greedy decoding cannot honour, rather than quietly answering something else.
+    """Refuse what this server cannot honour, rather than quietly answering something else.
 
-    Jacobi decoding is exact only for greedy decoding, so the server decodes greedily; a request
-    that asks for sampling or for features this server lacks gets a 400 that says so.
+    Greedy decoding and seeded sampling (temperature, top_p, top_k, seed, n) are honoured exactly; a
+    request that asks for a feature this server lacks gets a 400 that says so.
     """
 
     def refuse(param: str, message: str) -> None:
         raise OpenAIError(message, param=param, code="unsupported_parameter")
 
-    if request.temperature not in (None, 0):
-        refuse(
-            "temperature",
-            "this server decodes greedily (exact Jacobi decoding); temperature must be 0 or omitted",
-        )
-    if request.top_p not in (None, 1):
-        refuse("top_p", "this server decodes greedily; top_p must be 1 or omitted")
-    if request.n not in (None, 1):
-        refuse("n", "greedy decoding gives one answer per prompt; n must be 1")
     if request.presence_penalty not in (None, 0):
         refuse("presence_penalty", "presence_penalty is not supported; it must be 0 or omitted")
     if request.frequency_penalty not in (None, 0):
@@ -217,7 +213,7 @@ def reject_unsupported(request: _GenerationRequest) -> None:
         if request.suffix:
             refuse("suffix", "suffix (insertion) is not supported")
         if request.best_of not in (None, 1):
-            refuse("best_of", "greedy decoding gives one answer per prompt; best_of must be 1")
+            refuse("best_of", "best_of is not supported (n is); best_of must be 1 or omitted")
         if request.logprobs is not None:
             refuse("logprobs", "logprobs are not supported")
     if isinstance(request, ChatCompletionRequest):
@@ -286,6 +282,7 @@ class CompletionResponse(BaseModel):
     choices: list[CompletionChoice]
     usage: Usage | None = None
     jacobi_stats: JacobiStats | None = None
+    seed: int | None = None  # extension: the seed a sampled answer used (reproduces it); None: greedy
 
 
 class AssistantMessage(BaseModel):
@@ -308,6 +305,7 @@ class ChatCompletionResponse(BaseModel):
     choices: list[ChatChoice]
     usage: Usage | None = None
     jacobi_stats: JacobiStats | None = None
+    seed: int | None = None  # extension: the seed a sampled answer used (reproduces it); None: greedy
 
 
 class ChatDelta(BaseModel):
@@ -335,6 +333,7 @@ class ChatCompletionChunk(BaseModel):
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
     jacobi_stats: JacobiStats | None = None
+    seed: int | None = None
 
 
 class ModelCard(BaseModel):
@@ -365,7 +364,8 @@ def sse_event(payload: BaseModel | dict[str, Any]) -> str:
 
 
 # ----- reply builders: one request's full answer, or its stream of chunks -----
-# `job` is the request's decoding state (cllm.serving.DecodeJob): prompt_ids, tokens, text, finish_reason.
+# `jobs` are the decoding states of the request's choices (cllm.serving.DecodeJob: prompt_ids, tokens, text,
+# finish_reason), one per sample of its prompt; `index` names the choice a chunk belongs to.
 
 
 @dataclass
@@ -375,16 +375,17 @@ class Reply:
     id: str
     created: int
     model: str
+    seed: int | None = None  # a sampled request's seed, sent back so the answer can be reproduced
 
     @staticmethod
-    def usage(job) -> Usage:
-        n, m = len(job.prompt_ids), len(job.tokens)
+    def usage(jobs) -> Usage:
+        n, m = len(jobs[0].prompt_ids), sum(len(job.tokens) for job in jobs)  # the prompt counts once
         return Usage(prompt_tokens=n, completion_tokens=m, total_tokens=n + m)
 
-    def opening(self) -> str:
+    def opening(self, index: int = 0) -> str:
         return ""
 
-    def usage_only(self, job) -> str:
+    def usage_only(self, jobs) -> str:
         return sse_event(
             {
                 "id": self.id,
@@ -392,7 +393,8 @@ class Reply:
                 "created": self.created,
                 "model": self.model,
                 "choices": [],
-                "usage": self.usage(job).model_dump(),
+                "usage": self.usage(jobs).model_dump(),
+                "seed": self.seed,
             }
         )
 
@@ -400,59 +402,73 @@ class Reply:
 class CompletionReply(Reply):
     chunk_object = "text_completion"
 
-    def full(self, job, stats: JacobiStats) -> CompletionResponse:
+    def full(self, jobs, stats: JacobiStats) -> CompletionResponse:
         return CompletionResponse(
             id=self.id,
             created=self.created,
             model=self.model,
-            choices=[CompletionChoice(text=job.text.text, finish_reason=job.finish_reason)],
-            usage=self.usage(job),
+            choices=[
+                CompletionChoice(index=i, text=job.text.text, finish_reason=job.finish_reason)
+                for i, job in enumerate(jobs)
+            ],
+            usage=self.usage(jobs),
             jacobi_stats=stats,
+            seed=self.seed,
         )
 
-    def chunk(self, text: str, finish_reason=None, stats: JacobiStats | None = None) -> CompletionResponse:
+    def chunk(
+        self, text: str, finish_reason=None, stats: JacobiStats | None = None, index: int = 0
+    ) -> CompletionResponse:
         return CompletionResponse(
             id=self.id,
             created=self.created,
             model=self.model,
-            choices=[CompletionChoice(text=text, finish_reason=finish_reason)],
+            choices=[CompletionChoice(index=index, text=text, finish_reason=finish_reason)],
             jacobi_stats=stats,
+            seed=self.seed,
         )
 
-    def delta(self, text: str) -> str:
-        return sse_event(self.chunk(text))
+    def delta(self, text: str, index: int = 0) -> str:
+        return sse_event(self.chunk(text, index=index))
 
-    def closing(self, job, stats: JacobiStats) -> str:
-        return sse_event(self.chunk("", job.finish_reason, stats))
+    def closing(self, job, stats: JacobiStats, index: int = 0) -> str:
+        return sse_event(self.chunk("", job.finish_reason, stats, index))
 
 
 class ChatReply(Reply):
     chunk_object = "chat.completion.chunk"
 
-    def full(self, job, stats: JacobiStats) -> ChatCompletionResponse:
+    def full(self, jobs, stats: JacobiStats) -> ChatCompletionResponse:
         return ChatCompletionResponse(
             id=self.id,
             created=self.created,
             model=self.model,
-            choices=[ChatChoice(message=AssistantMessage(content=job.text.text), finish_reason=job.finish_reason)],
-            usage=self.usage(job),
+            choices=[
+                ChatChoice(index=i, message=AssistantMessage(content=job.text.text), finish_reason=job.finish_reason)
+                for i, job in enumerate(jobs)
+            ],
+            usage=self.usage(jobs),
             jacobi_stats=stats,
+            seed=self.seed,
         )
 
-    def chunk(self, delta: ChatDelta, finish_reason=None, stats: JacobiStats | None = None) -> ChatCompletionChunk:
+    def chunk(
+        self, delta: ChatDelta, finish_reason=None, stats: JacobiStats | None = None, index: int = 0
+    ) -> ChatCompletionChunk:
         return ChatCompletionChunk(
             id=self.id,
             created=self.created,
             model=self.model,
-            choices=[ChatChunkChoice(delta=delta, finish_reason=finish_reason)],
+            choices=[ChatChunkChoice(index=index, delta=delta, finish_reason=finish_reason)],
             jacobi_stats=stats,
+            seed=self.seed,
         )
 
-    def opening(self) -> str:
-        return sse_event(self.chunk(ChatDelta(role="assistant", content="")))
+    def opening(self, index: int = 0) -> str:
+        return sse_event(self.chunk(ChatDelta(role="assistant", content=""), index=index))
 
-    def delta(self, text: str) -> str:
-        return sse_event(self.chunk(ChatDelta(content=text)))
+    def delta(self, text: str, index: int = 0) -> str:
+        return sse_event(self.chunk(ChatDelta(content=text), index=index))
 
-    def closing(self, job, stats: JacobiStats) -> str:
-        return sse_event(self.chunk(ChatDelta(), job.finish_reason, stats))
+    def closing(self, job, stats: JacobiStats, index: int = 0) -> str:
+        return sse_event(self.chunk(ChatDelta(), job.finish_reason, stats, index))

@@ -25,7 +25,6 @@ from cllm.evaluate import EvalOptions
 from cllm.models import BUILTIN_MODEL
 from cllm.serve import ServeConfig, ServeOptions
 from cllm.tasks import DataFields, Task, describe_set_aside
-from cllm.tasks.records import TEXT_FORMAT
 from cllm.tasks.splits import prompt_key
 from cllm.teacher import TeacherConfig
 from cllm.train.config import TrainConfig, TrainOptions
@@ -202,10 +201,6 @@ def load_data(config: PipelineConfig) -> tuple[Task, Task]:
     collect = config.load_split(config.collect.split, config.collect.limit, config.seed)
     evaluation = config.load_split(config.eval.split, config.eval.limit, config.seed)
     evaluation.metric(config.eval.metric)  # an explicit metric on a dataset without answers fails now
-    chat = config.chat or any(fmt != TEXT_FORMAT for task in (collect, evaluation) for fmt in task.formats)
-    if chat and config.model == BUILTIN_MODEL:
-        raise ValueError("the built-in model has no chat template, and this run needs one (chat records or --chat): "
-                         "choose a --model whose tokenizer has a chat template")
     return collect, evaluation
 
 
@@ -262,7 +257,7 @@ def evaluate_stage(config: PipelineConfig, teacher: str, cllm_dir: str, collecte
     metric, reason = task.metric(config.eval.metric)
     results = evaluate_models({"teacher": teacher, "cllm": cllm_dir}, task, methods=config.eval.methods,
                               decode=config, chat=config.chat, device="cuda" if config.use_gpu else "cpu",
-                              metric=metric)
+                              metric=metric, methods_of={"teacher": config.eval.teacher_methods})
     print(markdown_table(results))
     settings = {"model": config.model, "teacher": teacher, "cllm": cllm_dir, "dataset": config.dataset,
                 "block_size": config.block_size, "max_new_tokens": config.max_new_tokens,

@@ -56,7 +56,7 @@ from cllm.openai_api import (
     single_prompt,
     sse_event,
 )
-from cllm.serving import BatchDecoder, DecodeJob, Mode, admit
+from cllm.serving import BatchDecoder, DecodeJob, Mode, admit, choice_sampling
 from cllm.streaming import TextStream
 
 logger = logging.getLogger("ray.serve")
@@ -85,6 +85,10 @@ class ServeOptions(BaseModel):
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(1, ge=1)
     target_ongoing_requests: float = Field(8.0, gt=0)
+    # how fast Serve scales (its own defaults): load averaged over look_back_period_s, held that long first
+    upscale_delay_s: float = Field(30.0, ge=0)
+    downscale_delay_s: float = Field(600.0, ge=0)
+    look_back_period_s: float = Field(30.0, gt=0)
     num_cpus: float = Field(1.0, ge=0)
     num_gpus: float | None = Field(None, ge=0)  # None: one per replica when the cluster has GPUs
     # where the HTTP proxy listens (pipelines/serve.py, the pipeline's --serve)
@@ -92,6 +96,8 @@ class ServeOptions(BaseModel):
     port: int = Field(8000, ge=1, le=65535)
     app_name: str = "cllm"
     route_prefix: str = "/"
+    # a larger request body gets a 413 before it is parsed; 4 MiB holds a 128k-token prompt as text or ids
+    max_request_bytes: int = Field(4 * 2**20, ge=1)
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -229,7 +235,7 @@ class JacobiServer:
         config = self.config
         health = {"status": "ok", "model": config.served_name, "mode": config.mode, "engine": config.engine}
         if self.engine is not None:
-            health.update(waiting=self.engine.num_waiting, running=self.engine.num_running)
+            health.update(waiting=self.engine.num_waiting, running=self.engine.num_running, steps=self.engine.steps)
         return health
 
     @api.get("/v1/models")
@@ -249,7 +255,7 @@ class JacobiServer:
     async def answer(self, route: str, handler, request: Request):
         """Run a route's handler; every refusal or failure becomes an OpenAI error body, never a traceback."""
         try:
-            response = await handler(await request.body())
+            response = await handler(await self.read_body(request))
             status = 200
         except OpenAIError as err:
             response, status = JSONResponse(err.body(), status_code=err.status), err.status
@@ -260,22 +266,29 @@ class JacobiServer:
         self.metrics.requests.inc(tags={"route": route, "status": str(status)})
         return response
 
+    async def read_body(self, request: Request) -> bytes:
+        """The body, refused with a 413 once it passes `max_request_bytes` (read in chunks, never kept whole)."""
+        limit = self.config.max_request_bytes
+        too_large = OpenAIError(f"request body exceeds the server's limit of {limit} bytes", status=413,
+                                code="request_too_large")
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise too_large
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise too_large
+        return bytes(body)
+
     async def complete(self, raw: bytes):
         request = parse_request(raw, CompletionRequest)
         self.check_model(request.model)
         reject_unsupported(request)
         prompt = single_prompt(request)
         prompt_ids = self.encode_ids(prompt) if isinstance(prompt, list) else self.encode_text(prompt)
-        job = self.admit(prompt_ids, request.max_tokens, request.stop_sequences())
         reply = CompletionReply(id=new_id("cmpl"), created=now(), model=self.config.served_name)
-        if request.stream:
-            return self.stream(
-                job,
-                reply,
-                include_usage=bool(request.stream_options and request.stream_options.include_usage),
-            )
-        await self.decode(job)
-        return reply.full(job, self.stats(job)).model_dump()
+        return await self.respond(request, prompt_ids, request.max_tokens, reply)
 
     async def chat(self, raw: bytes):
         request = parse_request(raw, ChatCompletionRequest)
@@ -285,16 +298,25 @@ class JacobiServer:
             text = format_prompt(self.tokenizer, request.chat_messages(), chat=True)
         except Exception as err:  # no template, or the template refused the conversation
             raise OpenAIError(f"cannot apply the chat template: {err}", param="messages") from None
-        job = self.admit(self.encode_text(text, param="messages"), request.token_limit(), request.stop_sequences())
+        prompt_ids = self.encode_text(text, param="messages")
         reply = ChatReply(id=new_id("chatcmpl"), created=now(), model=self.config.served_name)
+        return await self.respond(request, prompt_ids, request.token_limit(), reply)
+
+    async def respond(
+        self, request: CompletionRequest | ChatCompletionRequest, prompt_ids: list[int], max_tokens: int | None,
+        reply: Reply,
+    ):
+        """Decode the request's n choices as rows of one batch (choice i samples with seed + i), whole or
+        streamed; a sampled answer names its seed in the body (`seed`) and the `x-cllm-seed` header."""
+        settings, reply.seed = choice_sampling(request.temperature, request.top_p, request.top_k, request.seed,
+                                               request.n)
+        jobs = [self.admit(prompt_ids, max_tokens, request.stop_sequences(), sampling) for sampling in settings]
+        headers = {} if reply.seed is None else {"x-cllm-seed": str(reply.seed)}
         if request.stream:
-            return self.stream(
-                job,
-                reply,
-                include_usage=bool(request.stream_options and request.stream_options.include_usage),
-            )
-        await self.decode(job)
-        return reply.full(job, self.stats(job)).model_dump()
+            include_usage = bool(request.stream_options and request.stream_options.include_usage)
+            return self.stream(jobs, reply, include_usage=include_usage, headers=headers)
+        await asyncio.gather(*(self.decode(job) for job in jobs))
+        return JSONResponse(reply.full(jobs, self.stats(jobs)).model_dump(), headers=headers)
 
     def check_model(self, name: str) -> None:
         if name != self.config.served_name:
@@ -319,9 +341,11 @@ class JacobiServer:
             raise OpenAIError(f"prompt token ids must be in [0, {self.vocab_size}), got {bad[:5]}", param="prompt")
         return list(ids)
 
-    def admit(self, prompt_ids: list[int], max_tokens: int | None, stop: list[str]) -> DecodeJob:
-        return admit(prompt_ids, max_tokens, context=self.context, default_max_tokens=self.config.max_new_tokens,
-                     text=TextStream(self.tokenizer, stop))
+    def admit(self, prompt_ids: list[int], max_tokens: int | None, stop: list[str], sampling=None) -> DecodeJob:
+        job = admit(prompt_ids, max_tokens, context=self.context, default_max_tokens=self.config.max_new_tokens,
+                    text=TextStream(self.tokenizer, stop))
+        job.sampling = sampling
+        return job
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def decode_batch(self, jobs: list[DecodeJob]) -> list[DecodeJob]:
@@ -379,59 +403,68 @@ class JacobiServer:
             raise OpenAIError(f"decoding failed: {job.error}", status=500)
         return job
 
-    def stream(self, job: DecodeJob, reply: Reply, *, include_usage: bool) -> StreamingResponse:
-        """Send text as it is committed; the decode thread hands deltas to this request's queue."""
+    def stream(self, jobs: list[DecodeJob], reply: Reply, *, include_usage: bool, headers: dict) -> StreamingResponse:
+        """Send text as it is committed; the decode thread hands (choice, delta) pairs to this request's queue."""
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[str | None] = asyncio.Queue()
-        job.on_text = lambda delta: loop.call_soon_threadsafe(queue.put_nowait, delta)
-        decoding = asyncio.ensure_future(self.run_job(job))
+        queue: asyncio.Queue[tuple[int, str] | None] = asyncio.Queue()
+        for index, job in enumerate(jobs):
+            job.on_text = lambda delta, index=index: loop.call_soon_threadsafe(queue.put_nowait, (index, delta))
+        decoding = asyncio.gather(*(self.run_job(job) for job in jobs))
         decoding.add_done_callback(lambda _: queue.put_nowait(None))
-        decoding.add_done_callback(lambda future: self.note_stream_end(future, job))
+        decoding.add_done_callback(lambda future: self.note_stream_end(future, jobs))
 
         async def events() -> AsyncIterator[str]:
             try:
-                if opening := reply.opening():
-                    yield opening
-                while (delta := await queue.get()) is not None:
-                    yield reply.delta(delta)
+                for index in range(len(jobs)):
+                    if opening := reply.opening(index):
+                        yield opening
+                while (item := await queue.get()) is not None:
+                    yield reply.delta(item[1], item[0])
                 try:
                     decoding.result()
-                    self.record(job)
-                    if job.error is not None:
-                        raise RuntimeError(job.error)
-                    yield reply.closing(job, self.stats(job))
+                    for job in jobs:
+                        self.record(job)
+                        if job.error is not None:
+                            raise RuntimeError(job.error)
+                    for index, job in enumerate(jobs):
+                        yield reply.closing(job, self.stats([job]), index)
                     if include_usage:
-                        yield reply.usage_only(job)
+                        yield reply.usage_only(jobs)
                 except Exception as err:
                     logger.exception("streamed request failed")
                     yield sse_event(error_body(f"decoding failed: {err}", type="server_error"))
                 yield SSE_DONE
             finally:
-                job.cancelled = True  # no-op after the end; stops the row if the client left early
+                for job in jobs:
+                    job.cancelled = True  # no-op after the end; stops the rows if the client left early
 
         return StreamingResponse(
             events(),
             media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers},
         )
 
     @staticmethod
-    def note_stream_end(future: asyncio.Future, job: DecodeJob) -> None:
+    def note_stream_end(future: asyncio.Future, jobs: list[DecodeJob]) -> None:
         """Retrieve the decode's outcome, so a client that left early costs one log line, not a traceback."""
         failure = None if future.cancelled() else future.exception()
-        if failure is not None and job.cancelled:
-            logger.info("client left a stream after %d tokens (%s)", len(job.tokens), type(failure).__name__)
+        if failure is not None and any(job.cancelled for job in jobs):
+            tokens = sum(len(job.tokens) for job in jobs)
+            logger.info("client left a stream after %d tokens (%s)", tokens, type(failure).__name__)
         elif failure is not None:
             logger.warning("streamed request failed: %s: %s", type(failure).__name__, failure)
 
-    def stats(self, job: DecodeJob) -> JacobiStats:
+    def stats(self, jobs: list[DecodeJob]) -> JacobiStats:
+        """How a request's choices were decoded, together (one choice: exactly its own numbers)."""
+        passes = sum(job.forward_passes for job in jobs)
+        decoded = sum(len(job.tokens) - 1 for job in jobs if job.forward_passes)
         return JacobiStats(
             mode=self.config.mode,
             block_size=1 if self.config.mode == "ar" else self.config.block_size,
-            forward_passes=job.forward_passes,
-            tokens_per_forward=round(job.tokens_per_forward, 4),
-            batch_size=job.batch_size,  # continuous: the most requests that shared one of its passes
-            decode_seconds=round(job.decode_seconds, 4),
+            forward_passes=passes,
+            tokens_per_forward=round(decoded / passes if passes else 0.0, 4),
+            batch_size=max(job.batch_size for job in jobs),  # continuous: the most requests sharing a pass
+            decode_seconds=round(max(job.decode_seconds for job in jobs), 4),
         )
 
     def record(self, job: DecodeJob) -> None:
@@ -477,6 +510,9 @@ def deployment_options(config: ServeConfig) -> dict:
             "min_replicas": config.min_replicas,
             "max_replicas": config.max_replicas,
             "target_ongoing_requests": config.target_ongoing_requests,
+            "upscale_delay_s": config.upscale_delay_s,
+            "downscale_delay_s": config.downscale_delay_s,
+            "look_back_period_s": config.look_back_period_s,
         },
         "max_ongoing_requests": config.max_ongoing_requests,
         "ray_actor_options": {"num_cpus": config.num_cpus, "num_gpus": replica_gpus(config)},

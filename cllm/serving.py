@@ -5,6 +5,8 @@
     decode   static: one batched `jacobi_generate` (or `ar_generate`) call; its `on_commit` feeds each
              job's TextStream (`deliver`), which applies stop sequences and hands text deltas to streaming
              clients; continuous: `cllm.engine.Engine` admits jobs between Jacobi iterations instead
+    sample   a request's temperature/top_p/top_k/seed/n become one `SamplingParams` per choice
+             (`choice_sampling`); each choice is its own job, so n samples are rows of one batch
 
 `cllm.serve` wraps this in a Ray Serve deployment; nothing here imports Ray.
 """
@@ -21,11 +23,12 @@ from cllm.decoding import DecodeFields, left_pad, room_for, special_tokens
 from cllm.jacobi import ar_generate, jacobi_generate
 from cllm.models import LoadedModel, context_length
 from cllm.openai_api import OpenAIError
+from cllm.sampling import SamplingParams, fresh_seed
 from cllm.streaming import TextStream
 
 logger = logging.getLogger("ray.serve")
 
-Mode = Literal["jacobi", "ar"]  # "ar": greedy one token per pass, the baseline
+Mode = Literal["jacobi", "ar"]  # "ar": one token per pass, the baseline
 
 
 @dataclass
@@ -46,6 +49,7 @@ class DecodeJob:
     decode_seconds: float = 0.0
     error: str | None = None
     on_done: Callable[[], None] | None = None  # continuous engine: called (from its thread) once the job ended
+    sampling: SamplingParams | None = None  # None: greedy
 
     @property
     def tokens_per_forward(self) -> float:
@@ -102,7 +106,8 @@ class BatchDecoder:
         device = next(self.model.parameters()).device
         start = time.perf_counter()
         out = self.generate(
-            input_ids.to(device), mask.to(device), [job.max_tokens for job in live], self.commit_hook(live)
+            input_ids.to(device), mask.to(device), [job.max_tokens for job in live], self.commit_hook(live),
+            [job.sampling for job in live],
         )
         seconds = time.perf_counter() - start
         for row, job in enumerate(live):
@@ -120,12 +125,13 @@ class BatchDecoder:
             seconds,
         )
 
-    def generate(self, input_ids, mask, budgets: list[int], on_commit):
+    def generate(self, input_ids, mask, budgets: list[int], on_commit, sampling=None):
         common = dict(
             max_new_tokens=budgets,
             eos_token_id=self.eos_token_id,
             pad_token_id=self.pad_id,
             on_commit=on_commit,
+            sampling=sampling,
         )
         if self.mode == "ar":
             return ar_generate(self.model, input_ids, mask, **common)
@@ -186,6 +192,26 @@ def finish_job(job: DecodeJob, eos_ids: set[int]) -> None:
         return
     ended_on_eos = bool(job.tokens) and job.tokens[-1] in eos_ids
     job.finish_reason = "stop" if job.text.stopped or ended_on_eos else "length"
+
+
+def choice_sampling(
+    temperature: float | None, top_p: float | None, top_k: int | None, seed: int | None, n: int | None
+) -> tuple[list[SamplingParams | None], int | None]:
+    """The sampling settings of each of a request's n choices, and the seed to send back (None: greedy).
+
+    Omitted or 0 temperature is greedy (the server's default; top_p/top_k then change nothing). Choice i
+    samples with seed + i, so choice 0 of an n-choice request is the answer of the same request with n=1;
+    a request without a seed gets a random one.
+    """
+    choices = n or 1
+    if not temperature:
+        return [None] * choices, None
+    seed = fresh_seed() if seed is None else seed
+    return [
+        SamplingParams(temperature=temperature, top_p=1.0 if top_p is None else top_p, top_k=top_k or 0,
+                       seed=seed + i)
+        for i in range(choices)
+    ], seed
 
 
 def admit(prompt_ids: list[int], max_tokens: int | None, *, context: int | None, default_max_tokens: int,

@@ -190,3 +190,16 @@ def local_ray():
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
+
+
+def byte_llama_dir(tmp_path_factory, context: int) -> Path:
+    """A saved tiny Llama over the byte-level tokenizer: what the server tests deploy."""
+    model = tiny_model("llama", vocab_size=BYTE_VOCAB, context=context)
+    return save_model_dir(tmp_path_factory.mktemp("tiny-byte-llama"), model, byte_level_tokenizer())
+
+
+def greedy_text(loaded, text: str, max_tokens: int) -> str:
+    """The reference: `generate(do_sample=False)` on the same model, decoded like the server decodes."""
+    ids = loaded.tokenizer(text, return_tensors="pt")["input_ids"]
+    out = loaded.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_tokens)
+    return loaded.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)

@@ -11,7 +11,7 @@ from cllm.cli import BenchConfig
 from cllm.collect import CollectConfig, CollectOptions
 from cllm.config import load_config
 from cllm.decoding import DecodeFields
-from cllm.evaluate import METHODS, EvalOptions
+from cllm.evaluate import DEFAULT_METHODS, METHODS, EvalOptions
 from cllm.guesses import GUESS_STRATEGIES
 from cllm.pipeline import PipelineConfig, collect_config, serve_config, train_config
 from cllm.serve import ServeConfig, ServeOptions, serve_file_values
@@ -76,7 +76,9 @@ def test_allowed_values_come_from_the_code():
         DecodeFields(init="nope")
     for strategy in GUESS_STRATEGIES:
         assert DecodeFields(init=strategy).init == strategy
-    assert EvalOptions().methods == list(METHODS)
+    assert EvalOptions().methods == list(DEFAULT_METHODS) and set(DEFAULT_METHODS) <= set(METHODS)
+    for method in METHODS:  # every method the code has is accepted by name
+        assert EvalOptions(methods=[method], teacher_methods=[method]).methods == [method]
     with pytest.raises(ValueError, match="methods"):
         EvalOptions(methods=["beam"])
 

@@ -9,13 +9,24 @@ import pytest
 import torch
 
 from cllm.data import (
+    block_chains,
     check_columns,
     collate_ar,
     collate_consistency,
+    collate_progressive,
     consistency_example,
+    noise_target,
     record_length,
+    scheduled_state,
 )
-from cllm.losses import IGNORE_INDEX
+from cllm.losses import (
+    ANSWER_SEGMENT,
+    IGNORE_INDEX,
+    PAD_SEGMENT,
+    PROMPT_SEGMENT,
+    clean_segment,
+    noisy_segment,
+)
 
 PAD, EOS = 0, 2
 
@@ -163,3 +174,93 @@ def test_bad_trajectory_records_raise_value_error(record, message):
 def test_record_length_is_the_example_it_pads_to():
     assert record_length({"prefix_ids": [1, 2, 3], "fixed_point": [4, 5], "states": []}) == 5
     assert record_length({"prompt_ids": [1, 2], "target_ids": [3, 4, 5, 6]}) == 6
+
+
+# ----- progressive objective: packed runs of blocks -----
+
+# One response to the prompt [1, 5, 6]: blocks [10, 11], [12, 13, 14] (SECOND_BLOCK) and [15, EOS].
+FIRST_BLOCK = trajectory([1, 5, 6], 3, [[10, 30]], [10, 11], labels=[10, 21])
+THIRD_BLOCK = trajectory([1, 5, 6, 10, 11, 12, 13, 14], 3, [[15, 33, 34]], [15, EOS], labels=[10, 21], block_idx=2)
+RESPONSE = [FIRST_BLOCK, SECOND_BLOCK | {"block_idx": 1, "labels": [10, 21]}, THIRD_BLOCK]
+
+
+def test_block_chains_group_consecutive_blocks_of_a_prompt_in_order():
+    other = NO_STATES | {"prompt_id": 8}
+    chains = block_chains([RESPONSE[2], other, RESPONSE[0], RESPONSE[1]])
+    assert [[r["block_idx"] for r in c] for c in chains] == [[0, 1, 2], [0]]
+    assert chains[1][0]["prompt_id"] == 8
+    # A missing block breaks the run: the block after it starts a new one from its own prefix.
+    assert [[r["block_idx"] for r in c] for c in block_chains([RESPONSE[0], RESPONSE[2]])] == [[0], [2]]
+    # Records without a prompt id stay on their own.
+    loose = [{k: v for k, v in r.items() if k != "prompt_id"} for r in RESPONSE]
+    assert [len(c) for c in block_chains(loose)] == [1, 1, 1]
+
+
+def test_noise_targets_go_from_easy_to_hard_and_cycle():
+    assert [noise_target(b, (0.2, 0.8), 4) for b in range(6)] == pytest.approx([0.2, 0.4, 0.6, 0.8, 0.2, 0.4])
+    assert noise_target(3, (0.5, 1.0), 1) == 0.5
+
+
+def test_scheduled_state_is_the_one_closest_to_the_target_noise():
+    record = trajectory([1], 1, [[9, 9, 9, 9], [6, 9, 9, 9], [6, 7, 9, 9], [6, 7, 8, 9]], [6, 7, 8, 5])
+    # wrong fractions: 1.0, 0.75, 0.5, 0.25
+    assert [scheduled_state(record, t) for t in (0.0, 0.3, 0.5, 1.0)] == [
+        [6, 7, 8, 9], [6, 7, 8, 9], [6, 7, 9, 9], [9, 9, 9, 9]
+    ]
+    assert scheduled_state(record, 0.625) == [6, 9, 9, 9]  # a tie takes the noisier state
+    assert scheduled_state(NO_STATES, 0.5) == [25, 26]  # no states: the fixed point (no consistency loss)
+
+
+def test_collate_progressive_packs_noisy_and_clean_blocks_at_shared_positions():
+    batch = collate_progressive(RESPONSE + [NO_STATES | {"prompt_id": 8}], pad_token_id=PAD, eos_token_ids=[EOS],
+                                noise_levels=(0.0, 1.0), noise_period=3)
+    ids, pos, seg = batch["input_ids"][0].tolist(), batch["position_ids"][0].tolist(), batch["segment_ids"][0].tolist()
+    assert ids == [1, 5, 6, 10, 30, 10, 11, 12, 31, 32, 12, 13, 14, 15, 33, 15, EOS]
+    assert pos == [0, 1, 2, 3, 4, 3, 4, 5, 6, 7, 5, 6, 7, 8, 9, 8, 9]
+    assert seg == [PROMPT_SEGMENT] * 3 + [noisy_segment(0)] * 2 + [clean_segment(0)] * 2 + [
+        noisy_segment(1)] * 3 + [clean_segment(1)] * 3 + [noisy_segment(2)] * 2 + [clean_segment(2)] * 2
+    # Block 1 (noise 0.5) took [30, 31, 32] -> [12, 31, 32]: of its two states, 2/3 wrong is closer than 1.
+    # The first token of a block is predicted by the last clean token before it, in both streams.
+    predictor = batch["predictor"][0].tolist()
+    assert predictor[5] == predictor[3] == 2 and predictor[10] == predictor[7] == 6
+    assert predictor[4] == 3 and predictor[6] == 5 and predictor[13] == predictor[15] == 12
+    partner = batch["partner"][0].tolist()
+    assert [partner[i] for i in (3, 4, 7, 8, 9, 13, 14)] == [5, 6, 10, 11, 12, 15, 16]
+    # Consistency from the first wrong token to EOS; AR on every clean token up to EOS; nothing on padding.
+    assert batch["kl_mask"][0].nonzero().flatten().tolist() == [4, 8, 9, 14]
+    labels = batch["ar_labels"][0].tolist()
+    assert [t for t in labels if t != IGNORE_INDEX] == [10, 11, 12, 13, 14, 15, EOS]
+    assert batch["segment_ids"][1].tolist() == [PROMPT_SEGMENT] * 2 + [noisy_segment(0)] * 2 + [
+        clean_segment(0)] * 2 + [PAD_SEGMENT] * 11
+    assert batch["attention_mask"][1].tolist() == [1] * 6 + [0] * 11
+    assert not batch["kl_mask"][1].any() and batch["ar_labels"][1, 6:].eq(IGNORE_INDEX).all()
+
+
+def test_collate_progressive_puts_ground_truth_answers_in_the_row():
+    batch = collate_progressive(RESPONSE, pad_token_id=PAD, eos_token_ids=[EOS], ar_source="labels")
+    seg = batch["segment_ids"][0]
+    answer = seg == ANSWER_SEGMENT
+    assert batch["input_ids"][0, answer].tolist() == [10, 21, EOS]  # EOS appended
+    assert batch["position_ids"][0, answer].tolist() == [3, 4, 5]  # right after the prompt
+    assert batch["predictor"][0, answer].tolist()[0] == 2  # the last prompt token predicts the answer
+    labelled = batch["ar_labels"][0] != IGNORE_INDEX
+    assert torch.equal(labelled, answer)  # the clean blocks carry no AR labels then
+    unmasked = collate_progressive(RESPONSE, pad_token_id=PAD, eos_token_ids=[EOS], ar_source="labels",
+                                   mask_prompt=False)
+    assert unmasked["ar_labels"][0, :3].tolist() == [IGNORE_INDEX, 5, 6]  # the prompt too, but its first token
+
+
+def test_collate_progressive_splits_runs_that_pass_max_len_and_cuts_long_contexts():
+    # Positions 0..9 do not fit in 8: blocks 0 and 1 (3 + 2 + 3 = 8) then block 2 from its own prefix.
+    batch = collate_progressive(RESPONSE, pad_token_id=PAD, eos_token_ids=[EOS], max_len=8, ar_source="labels")
+    assert batch["input_ids"].shape[0] == 2
+    assert (batch["segment_ids"][0] == ANSWER_SEGMENT).sum() == 3
+    # Row 1: the prefix of 8 tokens + 2 block tokens cut to 8 positions; the answer no longer fits.
+    assert batch["position_ids"][1, :6].tolist() == [0, 1, 2, 3, 4, 5]
+    assert batch["input_ids"][1, :6].tolist() == [6, 10, 11, 12, 13, 14]
+    assert not (batch["segment_ids"][1] == ANSWER_SEGMENT).any()
+    assert [t for t in batch["ar_labels"][1].tolist() if t != IGNORE_INDEX] == [15, EOS]
+    with pytest.raises(ValueError, match="exceeds max_len"):
+        collate_progressive(RESPONSE, pad_token_id=PAD, max_len=2)
+    with pytest.raises(ValueError, match="shorter than its fixed point"):
+        collate_progressive([trajectory([1, 2], 1, [[4]], [4, 5])], pad_token_id=PAD)

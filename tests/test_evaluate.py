@@ -121,3 +121,19 @@ def test_cllm_bench_cli(tiny_model_dir, tmp_path, capsys):
     report = json.loads((tmp_path / "bench" / "report.json").read_text())
     assert (report["data"]["dataset"], report["data"]["metric"]) == (str(data), "numeric")  # answers carry ####
     assert [s["decoded"] for s in report["stages"]] == [2]
+
+
+def test_a_model_can_have_its_own_methods(tiny_model_dir, tmp_path):
+    from cllm.evaluate import evaluate_models
+    from cllm.tasks import load_task
+
+    data = tmp_path / "prompts.jsonl"
+    data.write_text('{"prompt": "2 + 2 =", "answer": "#### 4"}\n')
+    task = load_task(str(data), limit=1)
+    results = evaluate_models({"teacher": str(tiny_model_dir), "cllm": str(tiny_model_dir)}, task,
+                              methods=("ar", "jacobi", "jacobi_ngram"), decode=DecodeFields(max_new_tokens=8),
+                              methods_of={"teacher": ("jacobi",)})
+    assert [(r.model, r.method) for r in results] == [
+        ("teacher", "hf_greedy"), ("teacher", "jacobi"),
+        ("cllm", "hf_greedy"), ("cllm", "ar"), ("cllm", "jacobi"), ("cllm", "jacobi_ngram"),
+    ]

@@ -57,3 +57,16 @@ def test_same_blocks_whatever_the_files(local_ray, tmp_path):
 
     reseeded = [key for block in blocks(ordered_feed(one_file, len(rows), seed=1)) for key in block]
     assert reseeded != flat and sorted(reseeded) == sorted(flat)
+
+
+def test_by_prompt_keeps_each_prompts_blocks_together_and_in_order(local_ray, tmp_path):
+    rows = records(3 * FEED_BLOCK_ROWS)
+    shuffled = random.Random(2).sample(rows, len(rows))
+    dataset = ray.data.read_parquet(write_files(tmp_path / "files", shuffled, per_file=100))
+    flat = [key for block in blocks(ordered_feed(dataset, len(rows), seed=0, by_prompt=True)) for key in block]
+    assert sorted(flat) == sorted((r["prompt_id"], r["block_idx"]) for r in rows)
+    prompts = list(dict.fromkeys(prompt for prompt, _ in flat))
+    assert flat == [(prompt, block) for prompt in prompts for block in range(3)]  # consecutive, in block order
+    assert prompts != sorted(prompts)  # the prompts themselves are shuffled
+    again = ray.data.read_parquet(write_files(tmp_path / "again", rows, per_file=len(rows)))
+    assert flat == [key for block in blocks(ordered_feed(again, len(rows), seed=0, by_prompt=True)) for key in block]

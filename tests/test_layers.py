@@ -16,8 +16,8 @@ PACKAGE = ROOT / "cllm"
 # the OpenAI wire format, the request/decode layer of the server, model loading, datasets, configs.
 ALGORITHM = (
     "cllm.config", "cllm.decoding", "cllm.guesses", "cllm.kv_cache", "cllm.jacobi", "cllm.losses", "cllm.data",
-    "cllm.models", "cllm.tokenizer", "cllm.trajectories", "cllm.trajectory_store", "cllm.streaming",
-    "cllm.openai_api", "cllm.serving", "cllm.engine", "cllm.tasks", "cllm.tasks.arith",
+    "cllm.multiblock", "cllm.models", "cllm.tokenizer", "cllm.trajectories", "cllm.trajectory_store", "cllm.streaming",
+    "cllm.openai_api", "cllm.serving", "cllm.engine", "cllm.tasks", "cllm.tasks.arith", "cllm.sampling",
 )
 # Stages run the algorithm, on Ray where they scale out; the pipeline and the CLI drive the stages.
 STAGES = (

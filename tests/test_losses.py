@@ -3,19 +3,29 @@
 from __future__ import annotations
 
 import math
+import random
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import tiny_model
 
+from cllm.data import block_chains, collate_progressive, noise_target, scheduled_state
 from cllm.losses import (
+    ANSWER_SEGMENT,
     IGNORE_INDEX,
+    PAD_SEGMENT,
+    PROMPT_SEGMENT,
     ar_loss,
+    clean_segment,
     cllm_loss,
     consistency_loss_mask,
     global_consistency_loss,
     local_consistency_loss,
     masked_kl,
+    noisy_segment,
+    packed_attention_mask,
+    packed_logits,
 )
 
 VOCAB, EOS, PAD = 48, 2, 0
@@ -192,3 +202,155 @@ def test_ar_loss_with_no_labels_is_zero_not_nan():
     logits = torch.randn(1, 4, 5)
     labels = torch.full((1, 4), IGNORE_INDEX)
     assert ar_loss(logits, labels).item() == 0.0
+
+
+# ----- progressive objective: every block of a run in one packed forward -----
+
+
+def response_blocks(prompt_id: int, prompt: list[int], blocks: list[list[int]], seed: int,
+                    window: int | None = None, labels: list[int] | None = None) -> list[dict]:
+    """Block records of one response: per block, states that fix one more leading token per step and
+    stop two tokens short of the fixed point (so every state has a wrong token that later ones read).
+
+    `window` > len(block) mimics a last block cut at EOS whose states still hold the whole window.
+    """
+    rng = random.Random(seed)
+    records, prefix = [], list(prompt)
+    for block_idx, fixed in enumerate(blocks):
+        n = window or len(fixed)
+        guess = [fixed[0]] + [rng.randrange(4, 44) for _ in range(n - 1)]
+        states = [fixed[:k] + guess[k:] for k in range(1, max(2, len(fixed) - 1))]
+        records.append({"prompt_id": prompt_id, "block_idx": block_idx, "prompt_len": len(prompt),
+                        "prefix_ids": list(prefix), "states": states, "fixed_point": fixed, "labels": labels})
+        prefix += fixed
+    return records
+
+
+def progressive_records(labels: bool = False) -> list[dict]:
+    """Two responses of different lengths: 3 blocks of 4 ending at EOS (window 4), and 2 blocks of 4."""
+    first = response_blocks(0, [1, 5, 6], [[10, 11, 12, 13], [14, 15, 16, 17], [18, EOS]], seed=0, window=4,
+                            labels=[10, 11, 12, EOS] if labels else None)
+    second = response_blocks(1, [1, 7, 8, 9, 40], [[20, 21, 22, 23], [24, 25, 26, 27]], seed=1,
+                             labels=[20, 21] if labels else None)
+    return second[1:] + first + second[:1]  # any order: the collator sorts the blocks of each prompt
+
+
+def blockwise_loss(model, records, *, ar_source="teacher", ar_weight=10.0):
+    """The progressive loss the long way: per block two ordinary forwards, [prefix, state] (student) and
+    [prefix, y*] (no-grad target), kept positions by `consistency_loss_mask`; AR on y* up to EOS (or on
+    [prompt, answer] once per response); one mean over all kept positions and one over all labels."""
+    students, targets, ar_logits, ar_targets = [], [], [], []
+    for chain in block_chains(records):
+        for record in chain:
+            prefix, fixed = list(record["prefix_ids"]), list(record["fixed_point"])
+            state = scheduled_state(record, noise_target(record["block_idx"], (0.0, 1.0), 4))
+            student = model(input_ids=torch.tensor([prefix + state])).logits[0]
+            target_graph = model(input_ids=torch.tensor([prefix + fixed])).logits[0]
+            kept = consistency_loss_mask(torch.tensor([prefix + state]), torch.tensor([prefix + fixed]),
+                                         torch.ones(1, len(prefix) + len(fixed)), torch.tensor([len(prefix)]),
+                                         [EOS])[0]
+            students.append(student[kept])
+            targets.append(target_graph.detach()[kept])
+            if ar_source == "teacher":
+                n_ar = fixed.index(EOS) + 1 if EOS in fixed else len(fixed)
+                ar_logits.append(target_graph[len(prefix) - 1 : len(prefix) - 1 + n_ar])
+                ar_targets += fixed[:n_ar]
+        if ar_source == "labels":
+            prompt = list(chain[0]["prefix_ids"][: chain[0]["prompt_len"]])
+            answer = list(chain[0]["labels"]) + ([] if chain[0]["labels"][-1] == EOS else [EOS])
+            logits = model(input_ids=torch.tensor([prompt + answer])).logits[0]
+            ar_logits.append(logits[len(prompt) - 1 : -1])
+            ar_targets += answer
+    student, target = torch.cat(students), torch.cat(targets)
+    l_c = masked_kl(target, student, torch.ones(len(student), dtype=torch.bool))
+    l_ar = F.cross_entropy(torch.cat(ar_logits), torch.tensor(ar_targets))
+    return l_c + ar_weight * l_ar, l_c, l_ar
+
+
+@pytest.mark.parametrize("ar_source", ["teacher", "labels"])
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_progressive_loss_equals_blockwise_forwards(model, ar_source, attention):
+    model.set_attn_implementation(attention)
+    try:
+        records = progressive_records(labels=ar_source == "labels")
+        batch = collate_progressive(records, pad_token_id=PAD, eos_token_ids=[EOS], ar_source=ar_source)
+        lengths = batch["attention_mask"].sum(dim=1).tolist()
+        assert lengths[0] < lengths[1]  # prompt 1 is seen first, and its row is padded
+        model.zero_grad()
+        parts = cllm_loss(model, batch, consistency="progressive", ar_weight=10.0)
+        parts.total.backward()
+        packed_grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+        model.zero_grad()
+        total, l_c, l_ar = blockwise_loss(model, records, ar_source=ar_source)
+        total.backward()
+        assert l_c.item() > 0 and l_ar.item() > 0
+        assert parts.consistency.item() == pytest.approx(l_c.item(), abs=1e-5)
+        assert parts.ar.item() == pytest.approx(l_ar.item(), abs=1e-5)
+        assert parts.total.item() == pytest.approx(total.item(), abs=1e-5)
+        # Same gradients too: the clean blocks feed the noisy ones as the student's prefix does, and the
+        # targets are detached in both.
+        for name, p in model.named_parameters():
+            assert torch.allclose(packed_grads[name], p.grad, atol=1e-5), name
+    finally:
+        model.zero_grad()
+        model.set_attn_implementation("sdpa")
+
+
+def test_packed_mask_lets_a_noisy_block_see_only_prompt_earlier_clean_blocks_and_its_own_prefix():
+    records = progressive_records(labels=True)
+    batch = collate_progressive(records, pad_token_id=PAD, eos_token_ids=[EOS], ar_source="labels")
+    allowed = packed_attention_mask(batch["segment_ids"], batch["position_ids"])
+    for b in range(2):
+        seg, pos = batch["segment_ids"][b].tolist(), batch["position_ids"][b].tolist()
+        for q, sq in enumerate(seg):
+            if sq < noisy_segment(0) or (sq - noisy_segment(0)) % 2:
+                continue  # not a noisy token
+            k_q = (sq - noisy_segment(0)) // 2
+            expected = [
+                sk == PROMPT_SEGMENT
+                or (sk == sq and pos[k] <= pos[q])
+                or any(sk == clean_segment(m) for m in range(k_q))
+                for k, sk in enumerate(seg)
+            ]
+            assert allowed[b, q].tolist() == expected, (b, q)
+    # Padding sees only itself; the answer only the prompt and its own past.
+    pad_rows = batch["segment_ids"] == PAD_SEGMENT
+    assert pad_rows.any() and torch.equal(allowed[pad_rows], torch.eye(allowed.shape[1], dtype=torch.bool)[
+        pad_rows.nonzero()[:, 1]])
+    answer = (batch["segment_ids"][0] == ANSWER_SEGMENT).nonzero().flatten()
+    sees = allowed[0, answer[-1]].nonzero().flatten()
+    assert set(batch["segment_ids"][0, sees].tolist()) == {PROMPT_SEGMENT, ANSWER_SEGMENT}
+
+
+def test_student_logits_ignore_every_token_a_noisy_block_must_not_see(model):
+    batch = collate_progressive(progressive_records(labels=True), pad_token_id=PAD, eos_token_ids=[EOS],
+                                ar_source="labels")
+    with torch.no_grad():
+        base = packed_logits(model, batch)
+    seg, pos = batch["segment_ids"][0], batch["position_ids"][0]
+    noisy_1 = (seg == noisy_segment(1)).nonzero().flatten()
+    q = noisy_1[1]  # a noisy token of block 1 with a later token of its block
+    forbidden = ((seg == noisy_segment(1)) & (pos > pos[q])) | (seg == clean_segment(1)) | (seg == noisy_segment(0))
+    forbidden |= (seg >= noisy_segment(2)) | (seg == ANSWER_SEGMENT)
+    for k in forbidden.nonzero().flatten().tolist():
+        changed = {key: value.clone() for key, value in batch.items()}
+        changed["input_ids"][0, k] = 43 if batch["input_ids"][0, k] != 43 else 42
+        with torch.no_grad():
+            logits = packed_logits(model, changed)
+        assert torch.equal(logits[0, q], base[0, q]), k
+        assert torch.equal(logits[1], base[1])  # rows never mix
+    # A token it may see (block 0's fixed point) does change it.
+    visible = (seg == clean_segment(0)).nonzero().flatten()[-1]
+    changed = {key: value.clone() for key, value in batch.items()}
+    changed["input_ids"][0, visible] = 43
+    with torch.no_grad():
+        assert not torch.allclose(packed_logits(model, changed)[0, q], base[0, q])
+
+
+def test_progressive_loss_is_zero_consistency_when_states_are_fixed_points(model):
+    records = [r | {"states": []} for r in progressive_records()]
+    batch = collate_progressive(records, pad_token_id=PAD, eos_token_ids=[EOS])
+    assert not batch["kl_mask"].any()
+    with torch.no_grad():
+        parts = cllm_loss(model, batch, consistency="progressive", ar_weight=10.0)
+    assert parts.consistency.item() == 0.0 and parts.ar.item() > 0

@@ -55,3 +55,12 @@ def test_dtype_choice():
 def test_empty_prompt_is_rejected(tokenizer):
     with pytest.raises(ValueError, match="empty prompt"):
         encode_prompts(tokenizer, ["ok", ""])
+
+
+def test_a_relative_local_model_path_is_made_absolute_for_the_workers(tmp_path, monkeypatch):
+    from cllm.models import absolute_if_local
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "teacher").mkdir()
+    assert absolute_if_local("teacher") == str(tmp_path / "teacher")
+    assert absolute_if_local("Qwen/Qwen2.5-0.5B") == "Qwen/Qwen2.5-0.5B"  # a hub name stays a name

@@ -5,17 +5,24 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import char_tokenizer
 
 from cllm.openai_api import (
+    MAX_CHOICES,
     SSE_DONE,
     ChatCompletionRequest,
+    ChatReply,
+    CompletionReply,
     CompletionRequest,
+    JacobiStats,
     OpenAIError,
     parse_request,
     reject_unsupported,
     single_prompt,
     sse_event,
 )
+from cllm.serving import DecodeJob, choice_sampling
+from cllm.streaming import TextStream
 
 
 def body(**fields) -> bytes:
@@ -42,6 +49,51 @@ def test_greedy_settings_are_accepted():
     request = parse_request(body(model="m", prompt="hi", temperature=0, top_p=1, n=1, seed=3), CompletionRequest)
     reject_unsupported(request)  # raises OpenAIError if any of them were refused
     assert (request.temperature, request.top_p, request.n, request.seed) == (0, 1, 1, 3)
+
+
+@pytest.mark.parametrize("schema, extra", [(CompletionRequest, {"prompt": "hi"}),
+                                           (ChatCompletionRequest, {"messages": [{"role": "user", "content": "hi"}]})])
+def test_sampling_settings_are_accepted_on_both_routes(schema, extra):
+    raw = body(model="m", temperature=0.7, top_p=0.9, top_k=40, seed=11, n=3, stream=True, **extra)
+    request = parse_request(raw, schema)
+    reject_unsupported(request)
+    assert (request.temperature, request.top_p, request.top_k, request.seed, request.n) == (0.7, 0.9, 40, 11, 3)
+    settings, seed = choice_sampling(request.temperature, request.top_p, request.top_k, request.seed, request.n)
+    assert seed == 11 and [s.seed for s in settings] == [11, 12, 13]  # choice i samples with seed + i
+    assert {(s.temperature, s.top_p, s.top_k) for s in settings} == {(0.7, 0.9, 40)}
+
+
+def test_choice_sampling_defaults():
+    assert choice_sampling(None, 0.9, 5, 3, None) == ([None], None)  # no temperature: greedy, the default
+    assert choice_sampling(0, None, None, None, 2) == ([None, None], None)
+    (one,), seed = choice_sampling(1.0, None, None, None, None)  # no seed: a random one, sent back
+    assert one.seed == seed and 0 <= seed < 2**32 and (one.top_p, one.top_k) == (1.0, 0)
+    assert len({choice_sampling(1.0, None, None, None, None)[1] for _ in range(3)} | {seed}) > 1
+
+
+def test_replies_carry_every_choice_and_the_seed():
+    tokenizer = char_tokenizer()
+
+    def job(text: str, finish_reason: str) -> DecodeJob:
+        decoded = DecodeJob(prompt_ids=[1, 2, 3], max_tokens=5, text=TextStream(tokenizer, ()))
+        decoded.tokens = tokenizer(text)["input_ids"]
+        decoded.text.push(decoded.tokens)
+        decoded.text.finish()
+        decoded.finish_reason = finish_reason
+        return decoded
+
+    jobs = [job("ab", "length"), job("c", "stop")]
+    stats = JacobiStats(mode="jacobi", block_size=4, forward_passes=2, tokens_per_forward=1.0, batch_size=2,
+                        decode_seconds=0.1)
+    full = CompletionReply(id="x", created=0, model="m", seed=9).full(jobs, stats).model_dump()
+    choices = [(c["index"], c["text"], c["finish_reason"]) for c in full["choices"]]
+    assert choices == [(0, "ab", "length"), (1, "c", "stop")]
+    assert full["seed"] == 9 and full["usage"] == {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}
+    chat = ChatReply(id="y", created=0, model="m", seed=9)
+    assert [c["message"]["content"] for c in chat.full(jobs, stats).model_dump()["choices"]] == ["ab", "c"]
+    event = json.loads(chat.delta("z", 1)[len("data: ") :])
+    assert event["choices"][0]["index"] == 1 and event["choices"][0]["delta"] == {"content": "z"} and event["seed"] == 9
+    assert json.loads(chat.opening(1)[len("data: ") :])["choices"][0]["delta"]["role"] == "assistant"
 
 
 def test_chat_request_flattens_text_parts():
@@ -77,11 +129,14 @@ def test_chat_request_flattens_text_parts():
         (body(model="m", prompt="hi", max_tokens=0), "max_tokens", "greater than or equal to 1"),
         (body(model="m", prompt="hi", max_tokens=-3), "max_tokens", "greater than or equal to 1"),
         (body(model="m", prompt="hi", stream="maybe"), "stream", "stream"),
-        (body(model="m", prompt="hi", top_k=5), "top_k", "unknown parameter"),
-        (body(model="m", prompt="hi", temperature=0.7), "temperature", "greedily"),
+        (body(model="m", prompt="hi", top_k=-1), "top_k", "greater than or equal to 0"),
         (body(model="m", prompt="hi", temperature=5), "temperature", "temperature"),
-        (body(model="m", prompt="hi", top_p=0.9), "top_p", "top_p"),
-        (body(model="m", prompt="hi", n=3), "n", "n must be 1"),
+        (body(model="m", prompt="hi", temperature=-0.5), "temperature", "temperature"),
+        (body(model="m", prompt="hi", top_p=0), "top_p", "greater than 0"),
+        (body(model="m", prompt="hi", top_p=1.5), "top_p", "less than or equal to 1"),
+        (body(model="m", prompt="hi", n=0), "n", "greater than or equal to 1"),
+        (body(model="m", prompt="hi", n=MAX_CHOICES + 1), "n", f"less than or equal to {MAX_CHOICES}"),
+        (body(model="m", prompt="hi", top_k=2.5), "top_k", "top_k"),
         (body(model="m", prompt="hi", best_of=2), "best_of", "best_of"),
         (body(model="m", prompt="hi", logprobs=2), "logprobs", "logprobs"),
         (body(model="m", prompt="hi", echo=True), "echo", "echo"),
@@ -170,5 +225,20 @@ def test_booleans_and_strings_are_not_numbers(field, value):
                                  '{"model": "m", "prompt": ' + "[" * 3000 + "]" * 3000 + "}"])
 def test_deeply_nested_bodies_are_a_400(raw):
     with pytest.raises(OpenAIError, match="nested too deeply") as caught:
+        parse_request(raw.encode(), CompletionRequest)
+    assert caught.value.status == 400
+
+
+@pytest.mark.parametrize("prompt", [[True, 5], [[True]], [5.0], [[5, 6.5]]])
+def test_token_id_prompts_take_integers_only(prompt):
+    with pytest.raises(OpenAIError, match="prompt") as caught:
+        parse_request(body(model="m", prompt=prompt), CompletionRequest)
+    assert caught.value.status == 400
+
+
+@pytest.mark.parametrize("number", ["9" * 5000, "-" + "9" * 5000])
+def test_a_number_too_long_to_read_is_a_400(number):
+    raw = '{"model": "m", "prompt": "hi", "max_tokens": ' + number + "}"
+    with pytest.raises(OpenAIError, match="too long to read") as caught:
         parse_request(raw.encode(), CompletionRequest)
     assert caught.value.status == 400

@@ -17,7 +17,7 @@ from conftest import ray_cluster
 from ray.job_submission import JobStatus, JobSubmissionClient
 
 from cllm.config import ConfigError, load_config
-from cllm.evaluate import METHODS
+from cllm.evaluate import BASELINE, EvalOptions
 from cllm.pipeline import PipelineConfig, run_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,10 +34,12 @@ SMALL_STAGES = dict(
 )
 
 
-def check_report(report_path: Path, models=("teacher", "cllm")) -> dict:
+def check_report(report_path: Path) -> dict:
     report = json.loads(report_path.read_text())
     entries = {(r["model"], r["method"]): r for r in report["results"]}
-    assert set(entries) == {(m, method) for m in models for method in METHODS}
+    options = EvalOptions()  # the teacher gets the baseline and its own short list, the CLLM every default
+    assert set(entries) == ({("teacher", method) for method in (BASELINE, *options.teacher_methods)}
+                            | {("cllm", method) for method in options.methods})
     for entry in entries.values():
         assert entry["prompts"] >= 1 and entry["new_tokens"] >= entry["prompts"]
         assert entry["tokens_per_second"] > 0 and entry["speedup"] > 0

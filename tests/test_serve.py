@@ -19,12 +19,14 @@ import ray
 import requests
 import torch
 import yaml
-from conftest import BYTE_VOCAB, byte_level_tokenizer, free_port, save_model_dir, tiny_model
+from conftest import byte_llama_dir, free_port, greedy_text
 from ray import serve
 
 from cllm.config import ConfigError
-from cllm.decoding import DecodeFields, left_pad
+from cllm.decoding import DecodeFields, left_pad, special_tokens
+from cllm.jacobi import ar_generate
 from cllm.models import format_prompt, load_model
+from cllm.sampling import SamplingParams
 from cllm.serve import (
     ServeConfig,
     build_app,
@@ -58,8 +60,7 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    model = tiny_model("llama", vocab_size=BYTE_VOCAB, context=CONTEXT)
-    return save_model_dir(tmp_path_factory.mktemp("tiny-byte-llama"), model, byte_level_tokenizer())
+    return byte_llama_dir(tmp_path_factory, CONTEXT)
 
 
 @pytest.fixture(scope="module")
@@ -67,11 +68,17 @@ def loaded(model_dir):
     return load_model(str(model_dir), device="cpu")
 
 
-def greedy_text(loaded, text: str, max_tokens: int) -> str:
-    """The reference: `generate(do_sample=False)` on the same model, decoded like the server decodes."""
+def sampled_tokens(loaded, text: str, max_tokens: int, **settings) -> list[int]:
+    """The reference for a sampled answer: in-process `ar_generate` with the same settings, cut at its EOS."""
     ids = loaded.tokenizer(text, return_tensors="pt")["input_ids"]
-    out = loaded.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_tokens)
-    return loaded.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+    eos = list(special_tokens(loaded.tokenizer, loaded.model.generation_config).eos_ids)
+    out = ar_generate(loaded.model, ids, max_new_tokens=max_tokens, eos_token_id=eos,
+                      sampling=SamplingParams(**settings))
+    return out.sequences[0, ids.shape[1] : ids.shape[1] + out.new_tokens[0]].tolist()
+
+
+def sampled_text(loaded, text: str, max_tokens: int, **settings) -> str:
+    return loaded.tokenizer.decode(sampled_tokens(loaded, text, max_tokens, **settings), skip_special_tokens=True)
 
 
 def chat_text(loaded, content: str) -> str:
@@ -102,6 +109,20 @@ def test_batch_decoder_matches_greedy_generate(loaded, mode):
         assert 0 < job.forward_passes < len(job.tokens)
     if mode == "ar":
         assert all(job.tokens_per_forward == 1.0 for job in jobs)
+
+
+@pytest.mark.parametrize("mode", ["jacobi", "ar"])
+def test_batch_decoder_samples_like_ar_generate(loaded, mode):
+    decoder = BatchDecoder(loaded, DecodeFields(block_size=4, init="ngram"), mode=mode)
+    settings = [dict(temperature=0.7, seed=1), dict(temperature=1.0, top_p=0.9, seed=2), None,
+                dict(temperature=0.3, top_k=5, seed=3)]
+    jobs = [job_for(loaded, p, 30) for p in PROMPTS[:4]]
+    for job, sampling in zip(jobs, settings, strict=True):
+        job.sampling = None if sampling is None else SamplingParams(**sampling)
+    decoder.decode(jobs)
+    assert jobs[2].text.text == greedy_text(loaded, PROMPTS[2], 30)
+    for i in (0, 1, 3):
+        assert jobs[i].text.text == sampled_text(loaded, PROMPTS[i], 30, **settings[i])
 
 
 def test_one_failing_or_cancelled_request_leaves_its_batch_mates_intact(loaded):
@@ -145,6 +166,9 @@ def test_deployment_options_come_from_the_config():
         "min_replicas": 1,
         "max_replicas": 3,
         "target_ongoing_requests": 5,
+        "upscale_delay_s": 30.0,
+        "downscale_delay_s": 600.0,
+        "look_back_period_s": 30.0,
     }
     assert options["ray_actor_options"] == {"num_cpus": 2, "num_gpus": 1}
     assert options["max_ongoing_requests"] == config.max_ongoing_requests
@@ -346,10 +370,48 @@ def test_the_openai_client_works_against_the_server(server, loaded):
     )
     text = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
     assert text == greedy_text(loaded, chat_text(loaded, "日本語"), 20)
-    with pytest.raises(openai.BadRequestError, match="greedily"):
-        client.completions.create(model=MODEL_NAME, prompt="hi", max_tokens=5, temperature=0.9)
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.completions.create(model=MODEL_NAME, prompt="hi", max_tokens=5, temperature=2.5)
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="other", prompt="hi", max_tokens=5)
+
+
+def test_the_same_seed_gives_the_same_sample_as_ar_generate(server, loaded):
+    payload = {"model": MODEL_NAME, "prompt": "Once upon a time", "max_tokens": 30, "temperature": 0.8,
+               "top_p": 0.95, "top_k": 50, "seed": 7}
+    first, again = post(server, "/v1/completions", payload), post(server, "/v1/completions", payload)
+    assert first.status_code == 200 and first.headers["x-cllm-seed"] == "7" and first.json()["seed"] == 7
+    text = first.json()["choices"][0]["text"]
+    assert again.json()["choices"][0]["text"] == text
+    settings = dict(temperature=0.8, top_p=0.95, top_k=50)
+    assert text == sampled_text(loaded, "Once upon a time", 30, seed=7, **settings)
+    assert text != greedy_text(loaded, "Once upon a time", 30)
+    two = post(server, "/v1/completions", {**payload, "n": 2}).json()  # choice i samples with seed + i
+    assert [c["index"] for c in two["choices"]] == [0, 1]
+    assert [c["text"] for c in two["choices"]] == [text, sampled_text(loaded, "Once upon a time", 30, seed=8,
+                                                                      **settings)]
+    unseeded = post(server, "/v1/completions", {**payload, "seed": None})
+    seed = unseeded.json()["seed"]
+    assert unseeded.headers["x-cllm-seed"] == str(seed)
+    assert unseeded.json()["choices"][0]["text"] == sampled_text(loaded, "Once upon a time", 30, seed=seed,
+                                                                 **settings)
+
+
+def test_a_streamed_chat_with_two_samples(server, loaded):
+    messages = [{"role": "user", "content": "naïve café"}]
+    payload = {"model": MODEL_NAME, "messages": messages, "max_tokens": 25, "temperature": 1.0, "seed": 3, "n": 2,
+               "stream": True, "stream_options": {"include_usage": True}}
+    events = stream_events(server, "/v1/chat/completions", payload)
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    texts = ["".join(c["choices"][0]["delta"].get("content") or "" for c in chunks
+                     if c["choices"] and c["choices"][0]["index"] == i) for i in (0, 1)]
+    prompt = chat_text(loaded, "naïve café")
+    assert texts == [sampled_text(loaded, prompt, 25, temperature=1.0, seed=s) for s in (3, 4)]
+    assert len([c for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]) == 2
+    completion = sum(len(sampled_tokens(loaded, prompt, 25, temperature=1.0, seed=s)) for s in (3, 4))
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == completion
+    assert all(c["seed"] == 3 for c in chunks)
 
 
 def test_stop_sequence_ends_the_answer_before_it(server, loaded):
@@ -517,6 +579,11 @@ def test_the_static_engine_still_answers_exactly(static_server, loaded):
     with ThreadPoolExecutor(4) as pool:
         texts = list(pool.map(ask, range(4)))
     assert texts == [greedy_text(loaded, PROMPTS[i], budgets[i]) for i in range(4)]
+    sampled = {"model": MODEL_NAME, "prompt": "zzz", "max_tokens": 20, "temperature": 0.7, "seed": 5, "n": 2}
+    answer = post(static_server, "/v1/completions", sampled).json()  # the two samples are rows of one batch
+    assert [c["text"] for c in answer["choices"]] == [sampled_text(loaded, "zzz", 20, temperature=0.7, seed=s)
+                                                      for s in (5, 6)]
+    assert answer["jacobi_stats"]["batch_size"] == 2
 
 
 BAD_REQUESTS = [
@@ -537,9 +604,9 @@ BAD_REQUESTS = [
     ("/v1/completions", {"model": "gpt-4o", "prompt": "hi"}, 404),
     ("/v1/completions", {"model": MODEL_NAME, "prompt": ""}, 400),
     ("/v1/completions", {"model": MODEL_NAME, "prompt": [999999]}, 400),
-    ("/v1/completions", {"model": MODEL_NAME, "prompt": "hi", "temperature": 0.8}, 400),
-    ("/v1/completions", {"model": MODEL_NAME, "prompt": "hi", "n": 2}, 400),
-    ("/v1/completions", {"model": MODEL_NAME, "prompt": "hi", "top_k": 5}, 400),
+    ("/v1/completions", {"model": MODEL_NAME, "prompt": "hi", "temperature": 2.5}, 400),
+    ("/v1/completions", {"model": MODEL_NAME, "prompt": "hi", "n": 0}, 400),
+    ("/v1/completions", {"model": MODEL_NAME, "prompt": "hi", "top_k": -5}, 400),
     ("/v1/completions", b'{"model": "tiny-bytes", "prompt": "\\udc80"}', 400),
     ("/v1/chat/completions", {"model": MODEL_NAME}, 400),
     ("/v1/chat/completions", {"model": MODEL_NAME, "messages": []}, 400),
@@ -557,6 +624,7 @@ BAD_REQUESTS = [
             "model": MODEL_NAME,
             "messages": [{"role": "user", "content": "hi"}],
             "temperature": 1.0,
+            "top_p": 0,
             "stream": True,
         },
         400,

@@ -17,10 +17,13 @@ from cllm.config import load_config
 from cllm.tasks import arith
 from cllm.teacher import (
     METADATA_FILE,
+    SHIPPED_DIR,
     TeacherConfig,
     default_cache_dir,
     ensure_builtin_teacher,
     init_model,
+    shipped_teacher,
+    weights_digest,
     write_ar_records,
 )
 from cllm.tokenizer import train_tokenizer
@@ -122,6 +125,8 @@ def test_toy_teacher_is_trained_once_cached_and_loads_like_a_hub_model(tmp_path)
     metadata = json.loads((path / METADATA_FILE).read_text())
     assert metadata["recipe"]["max_steps"] == 3 and 0.0 <= metadata["heldout_accuracy"] <= 1.0
     assert metadata["heldout_problems"] == 4
+    assert metadata["cache_key"] == config.cache_key() == path.name
+    assert metadata["weights_sha256"] == weights_digest(path)
 
     stamp = (path / "model.safetensors").stat().st_mtime_ns
     assert ensure_builtin_teacher(tmp_path, config) == path  # cached: no second training
@@ -169,3 +174,31 @@ def test_a_teacher_cached_without_a_chat_template_gets_one(tmp_path, tiny_model_
     add_chat_template(model_dir)
     assert AutoTokenizer.from_pretrained(model_dir).chat_template == arith.CHAT_TEMPLATE
     assert (model_dir / "model.safetensors").read_bytes() == weights
+
+
+def fake_teacher(source, directory, config: TeacherConfig):
+    """A model directory labelled as `config`'s teacher, as `train_teacher` would label it."""
+    directory = shutil.copytree(source, directory)
+    metadata = {"recipe": config.model_dump(), "cache_key": config.cache_key(),
+                "weights_sha256": weights_digest(directory)}
+    (directory / METADATA_FILE).write_text(json.dumps(metadata))
+    return directory
+
+
+def test_a_packaged_teacher_is_used_only_for_its_own_recipe_and_intact_weights(tmp_path, tiny_model_dir):
+    config = TeacherConfig(**TOY)
+    packaged = fake_teacher(tiny_model_dir, tmp_path / "packaged", config)
+    assert shipped_teacher(config, packaged) == packaged
+    assert shipped_teacher(TeacherConfig(**TOY, seed=1), packaged) is None  # another recipe trains its own
+    weights = packaged / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8] + bytes(8))  # damaged in transit
+    assert shipped_teacher(config, packaged) is None
+
+
+def test_the_package_ships_the_default_recipe_teacher_and_a_first_run_uses_it(tmp_path):
+    assert shipped_teacher(TeacherConfig()) == SHIPPED_DIR
+    metadata = json.loads((SHIPPED_DIR / METADATA_FILE).read_text())
+    assert metadata["recipe"] == TeacherConfig().model_dump()
+    assert metadata["heldout_accuracy"] >= 0.8 and metadata["heldout_problems"] >= 200
+    assert ensure_builtin_teacher(tmp_path) == SHIPPED_DIR
+    assert list(tmp_path.iterdir()) == []  # nothing trained, nothing cached

@@ -180,6 +180,23 @@ def test_deepspeed_zero3_bf16_on_cpu_resumes(local_ray, tiny_model_dir, tmp_path
     assert resumed.metrics["start_step"] == 2 and resumed.metrics["step"] == 3
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", [{"strategy": "ddp"}, {"strategy": "deepspeed", "zero_stage": 3, "bf16": True}],
+                         ids=["ddp", "deepspeed-zero3-bf16"])
+def test_progressive_consistency_trains_end_to_end(local_ray, tiny_model_dir, tmp_path, engine):
+    """The packed objective is just another batch and loss: it runs under both engines unchanged."""
+    data = write_trajectories(tmp_path / "traj.parquet")
+    # File order keeps a prompt's blocks together in a batch, so they pack into one row.
+    config = config_for(tmp_path, tiny_model_dir, data, consistency="progressive", ordered_feed=False,
+                        shuffle_buffer=0, max_steps=2, checkpoint_every=10, **engine)
+    result = run_training(config)
+    assert result.metrics["step"] == 2
+    assert result.metrics["consistency_loss"] > 0 and result.metrics["ar_loss"] > 0
+    assert math.isfinite(result.metrics["loss"])
+    trained, initial = weights(result.model_dir), weights(tiny_model_dir)
+    assert any(not torch.equal(trained[k], initial[k]) for k in initial)
+
+
 def test_bad_data_is_a_clear_error(local_ray, tiny_model_dir, tmp_path):
     with pytest.raises(ValueError, match="not found"):
         run_training(config_for(tmp_path, tiny_model_dir, tmp_path / "missing.parquet"))

@@ -22,7 +22,13 @@ Recipe = Literal["builtin", "model"]
 class TrainOptions(BaseModel):
     """The knobs of a run (not what it reads or writes); lr and ar_weight left unset take the model's recipe."""
 
-    consistency: Literal["global", "local"] = "global"
+    # progressive: a prompt's consecutive blocks packed in one sequence, one forward (cllm.data.collate_progressive)
+    consistency: Literal["global", "local", "progressive"] = "global"
+    # progressive only: block b trains on the state whose fraction of wrong tokens is closest to a level that
+    # goes linearly from noise_low (easy) to noise_high (hard) over noise_period consecutive blocks, then again
+    noise_low: float = Field(0.0, ge=0, le=1)
+    noise_high: float = Field(1.0, ge=0, le=1)
+    noise_period: int = Field(4, ge=1)
     ar_weight: float | None = Field(None, ge=0)  # w in L = L_consistency + w * L_AR
     ar_source: Literal["teacher", "labels"] = "labels"  # ground truth where a record has it, else teacher
     mask_prompt: bool = True  # no AR loss on prompt tokens
@@ -31,6 +37,7 @@ class TrainOptions(BaseModel):
 
     num_workers: int = Field(2, ge=1)
     cpus_per_worker: float = Field(0.5, gt=0)  # < 1 leaves CPU for Ray Data on small machines
+    threads_per_worker: int | None = Field(None, ge=1)  # torch intra-op threads; None: Ray's (the worker's CPUs)
     strategy: Literal["ddp", "deepspeed"] = "ddp"
     zero_stage: int = Field(2, ge=0, le=3)
     bf16: bool = False  # left unset: on with GPUs
@@ -87,6 +94,8 @@ class TrainConfig(StageConfig, TrainOptions):
                 setattr(self, key, value)
         if "bf16" not in self.model_fields_set:
             self.bf16 = self.use_gpu
+        if self.consistency == "progressive" and "shuffle_buffer" not in self.model_fields_set:
+            self.shuffle_buffer = 0  # the feed shuffles whole prompts; a row shuffle would split their blocks
         return self
 
 

@@ -11,12 +11,13 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import ray
 import ray.train
 
 from cllm.data import check_columns
-from cllm.models import causal_lm_config
+from cllm.models import absolute_if_local, causal_lm_config
 from cllm.train.config import TrainConfig, plan_steps
 from cllm.train.engines import MODEL_DIR
 from cllm.train.feed import ordered_feed
@@ -33,13 +34,61 @@ class TrainResult:
 def read_records(config: TrainConfig) -> ray.data.Dataset:
     if "://" not in config.data and not Path(config.data).exists():
         raise ValueError(f"training data not found: {config.data}")
-    try:
+
+    def read() -> tuple[ray.data.Dataset, list[str]]:
         dataset = ray.data.read_parquet(config.data, file_extensions=["parquet"])
-        columns = dataset.schema().names
+        return dataset, dataset.schema().names  # runs the listing and footer reads now
+
+    try:
+        dataset, columns = with_read_retries(read, f"reading {config.data}")
     except Exception as err:  # Ray wraps pyarrow's errors in several types
+        if lost_to_the_cluster(err):
+            raise
         raise ValueError(f"cannot read Parquet records from {config.data}: {err}") from err
     check_columns(columns, config.objective)
     return dataset
+
+
+# What a lost node raises in whoever was using its tasks, actors or objects; not a fault of the data.
+CLUSTER_LOSSES = (
+    ray.exceptions.ActorDiedError,
+    ray.exceptions.ActorUnavailableError,
+    ray.exceptions.NodeDiedError,
+    ray.exceptions.ObjectLostError,  # OwnerDiedError and ObjectReconstructionFailedError too
+    ray.exceptions.WorkerCrashedError,
+)
+READ_ATTEMPTS = 3
+T = TypeVar("T")
+
+
+def lost_to_the_cluster(err: BaseException | None) -> bool:
+    """Whether `err`, or an error it wraps, is a worker, actor, object or node lost by the cluster."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, CLUSTER_LOSSES):
+            return True
+        seen.add(id(err))
+        err = getattr(err, "cause", None) or err.__cause__ or err.__context__
+    return False
+
+
+def with_read_retries(read: Callable[[], T], what: str, attempts: int = READ_ATTEMPTS) -> T:
+    """Run a Ray Data read again when the cluster lost a node under it; bad data still fails at once.
+
+    A read started just after a node died can still send a file-listing or footer-reading task or actor
+    to it (`ActorDiedError`), which fails the whole dataset although every file is intact; the next
+    attempt is planned on the nodes alive then.
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            return read()
+        except Exception as err:
+            if attempt == attempts or not lost_to_the_cluster(err):
+                raise
+            print(f"{what}: the cluster lost a node, worker or object under the read ({type(err).__name__}); "
+                  f"retrying the read ({attempt} of {attempts - 1})", flush=True)
+            time.sleep(2.0 * attempt)
+    raise AssertionError("unreachable")
 
 
 def run_training(
@@ -59,12 +108,15 @@ def run_training(
     from ray.train.torch import TorchTrainer
 
     dataset = read_records(config)  # bad data fails before any model is built
-    config = config.model_copy(update={"model": resolve_model(config.model)})
+    config = config.model_copy(update={"model": absolute_if_local(resolve_model(config.model))})
     causal_lm_config(config.model)  # a bad model fails here, not in every worker
-    records = dataset.count()
+    records = with_read_retries(dataset.count, f"counting the records of {config.data}")
     plan = plan_steps(records, config)
     if config.ordered_feed:
-        dataset = ordered_feed(dataset, records, config.seed)
+        dataset = with_read_retries(
+            lambda: ordered_feed(dataset, records, config.seed, by_prompt=config.consistency == "progressive"),
+            "ordering the records",
+        )
     loop_config = {
         "config": config.model_dump(),
         "plan": asdict(plan),
@@ -85,7 +137,10 @@ def run_training(
         ),
         datasets={"train": dataset},
         # Ray Data otherwise hands each block to whichever worker asks first: a different split every run.
-        dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=config.ordered_feed)),
+        # One worker has no split to race for, and reads its blocks in file order.
+        dataset_config=DataConfig(
+            execution_options=ExecutionOptions(preserve_order=config.ordered_feed or config.num_workers == 1)
+        ),
     )
     started = time.perf_counter()
     try:

@@ -15,7 +15,7 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from cllm.data import collate_ar, collate_consistency, record_length
+from cllm.data import collate_ar, collate_consistency, collate_progressive, record_length
 from cllm.decoding import special_tokens
 from cllm.losses import LossParts, ar_objective, cllm_loss
 from cllm.models import context_length, load_model
@@ -65,6 +65,17 @@ def make_batch(records, config: TrainConfig, tokens: dict, rng: random.Random, d
     if config.objective == "ar":
         batch = collate_ar(
             records, pad_token_id=tokens["pad"], mask_prompt=config.mask_prompt, max_len=tokens["max_len"]
+        )
+    elif config.consistency == "progressive":  # the state is scheduled, not drawn: no rng
+        batch = collate_progressive(
+            records,
+            pad_token_id=tokens["pad"],
+            eos_token_ids=tokens["eos"],
+            ar_source=config.ar_source,
+            noise_levels=(config.noise_low, config.noise_high),
+            noise_period=config.noise_period,
+            mask_prompt=config.mask_prompt,
+            max_len=tokens["max_len"],
         )
     else:
         batch = collate_consistency(
@@ -141,6 +152,8 @@ def train_loop(loop_config: dict) -> None:
     plan = StepPlan(**loop_config["plan"])
     rank = ray.train.get_context().get_world_rank()
     torch.manual_seed(config.seed)
+    if config.threads_per_worker:
+        torch.set_num_threads(config.threads_per_worker)
     device = ray.train.torch.get_device()
     checkpoint = ray.train.get_checkpoint()
     with checkpoint.as_directory() if checkpoint else nullcontext() as directory:
