@@ -46,7 +46,7 @@ class LoadConfig(StageConfig):
     url: str | None = None  # drive this running server instead of starting one (its own mode only)
     modes: list[Literal["jacobi", "ar"]] = ["jacobi", "ar"]
     engines: list[Literal["continuous", "static"]] = ["continuous", "static"]
-    max_tokens_per_step: int = Field(64, ge=1)  # continuous engine's per-pass token budget
+    max_tokens_per_step: int = Field(256, ge=1)  # continuous engine's per-pass token budget
     concurrency: list[int] = [1, 16]
     requests_per_client: int = Field(4, ge=1)
     arrival_rates: list[float] = []  # open loop: requests per second, Poisson arrivals

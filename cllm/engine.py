@@ -146,7 +146,7 @@ class Engine:
         mode: Mode = "jacobi",
         seed: int = 0,
         max_running: int = 8,
-        max_tokens_per_step: int = 64,
+        max_tokens_per_step: int = 256,
         compact_every: int = 8,
     ):
         self.model = loaded.model

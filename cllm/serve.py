@@ -78,7 +78,7 @@ class ServeOptions(BaseModel):
     # each @serve.batch to its end
     engine: Literal["continuous", "static"] = "continuous"
     max_batch_size: int = Field(8, ge=1)  # continuous: the most requests running at once
-    max_tokens_per_step: int = Field(64, ge=1)  # continuous: running requests x block size per pass, at most
+    max_tokens_per_step: int = Field(256, ge=1)  # continuous: running requests x block size per pass, at most
     batch_wait_timeout_s: float = Field(0.01, ge=0)
     max_ongoing_requests: int = Field(32, ge=1)
     # autoscaling and resources
