@@ -256,7 +256,8 @@ def run_ar_training(config: TeacherConfig, init_dir: Path, data: Path, work: Pat
         run_name="builtin-teacher",
         objective="ar",
         num_workers=config.num_workers,
-        cpus_per_worker=1,  # leaves the rest to Ray Data
+        # one worker takes a whole CPU; several take half each: Ray Data's read needs a CPU left over
+        cpus_per_worker=1 if config.num_workers == 1 else 0.5,
         threads_per_worker=config.threads,
         batch_size=config.batch_size,
         lr=config.lr,
