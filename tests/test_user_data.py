@@ -11,7 +11,7 @@ import ray
 from conftest import char_tokenizer, save_model_dir, tiny_model
 
 from cllm.config import load_config
-from cllm.evaluate import METHODS
+from cllm.evaluate import BASELINE, EvalOptions
 from cllm.pipeline import PipelineConfig, check_eval_prompts, load_data, run_pipeline, shared_prompts
 from cllm.tasks import load_task
 from cllm.trajectories import PROMPT_TOO_LONG
@@ -74,9 +74,11 @@ def run_in_process(config) -> dict:
 
 
 def check_results(report: dict, metric: str) -> None:
-    """Every method of both models, each over the prompts it decoded, exact against greedy AR."""
+    """Each model's methods, each over the prompts it decoded, exact against greedy AR."""
     entries = {(r["model"], r["method"]): r for r in report["results"]}
-    assert set(entries) == {(model, method) for model in ("teacher", "cllm") for method in METHODS}
+    options = EvalOptions()
+    assert set(entries) == ({("teacher", method) for method in (BASELINE, *options.teacher_methods)}
+                            | {("cllm", method) for method in options.methods})
     for entry in entries.values():
         assert entry["metric"] == metric and entry["prompts"] >= 1
         assert entry["exact"] == entry["prompts"], "every method must reproduce greedy AR exactly"
