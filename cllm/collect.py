@@ -62,6 +62,9 @@ class CollectOptions(BaseModel):
     max_token_run: int = Field(10, ge=0)  # drop blocks with a run of this many identical tokens; 0: keep all
     repeat_ngram: int = Field(0, ge=0)  # drop blocks repeating an earlier n-gram of this length; 0: off
     augment_prob: float = Field(0.0, ge=0, le=1)  # chance to correct each later wrong token of a state
+    temperature: float = Field(0.0, ge=0)  # 0: greedy trajectories; > 0: sampled ones (seeded per prompt)
+    top_k: int = Field(0, ge=0)  # sampling filters, as in `cllm.sampling.SamplingParams`
+    top_p: float = Field(1.0, gt=0, le=1)
     actors: int = Field(2, ge=1)  # model replicas
     cpus_per_actor: float = Field(1.0, gt=0)
     num_gpus_per_actor: float | None = Field(None, ge=0)  # default: 1 when the cluster has GPUs, else 0
@@ -81,6 +84,7 @@ ROW_SETTINGS = (
     "dataset", "split", "limit", "seed", "prompt_field", "answer_field", "test_fraction", "split_seed", "chat",
     "block_size",
     "max_new_tokens", "init", "max_iters", "batch_size", "max_token_run", "repeat_ngram", "augment_prob", "dtype",
+    "temperature", "top_k", "top_p",
 )
 
 
@@ -164,6 +168,9 @@ def plan_collection(config: CollectConfig, resolve_model: Callable[[str], str] =
         max_token_run=config.max_token_run,
         repeat_ngram=config.repeat_ngram,
         augment_prob=config.augment_prob,
+        temperature=config.temperature,
+        top_k=config.top_k,
+        top_p=config.top_p,
     )
     return CollectionPlan(model_path, settings, plan_batches(prompts, config.batch_size), len(task), dropped)
 

@@ -25,7 +25,8 @@ like the holes batching already leaves (see `cllm.jacobi`).
 Cost: on a CPU a pass costs more the wider it is (on the built-in model's shape, batch 1, one thread, each
 window token adds about 0.04 AR steps, all of it matrix-multiply arithmetic: benchmarks/pass_cost.py), so
 extra blocks and branches pay only where they raise tokens per pass faster than the window grows.
-The output is greedy only (no sampling settings).
+With sampling settings every slot takes `cllm.sampling.choose_tokens` with the noise of the output position
+it predicts (head + depth, in a branch too), so the output equals AR sampling with the same seed.
 
 The steps, in the order they run (prefill, accept and retire_rows are the plain mode's):
   open_block       a new block behind the last one in flight, filled by the init strategy
@@ -58,10 +59,12 @@ from cllm.jacobi import (
     jacobi_forward,
     prefill,
     retire_rows,
+    sampling_per_row,
     validate_arguments,
 )
 from cllm.kv_cache import POSITIONS_FROM_MASK, AttentionLayout, as_attention_mask, check_supported
 from cllm.models import cache_keyword
+from cllm.sampling import SamplingParams, choose_tokens
 
 
 @dataclass
@@ -166,7 +169,7 @@ def branch_forward(
     model, layout: AttentionLayout, cache: DynamicCache, cache_mask: torch.Tensor, lanes: list[Lane], pad_token_id: int,
     explicit_masks: bool = True,
 ) -> list[list[int]]:
-    """One pass over every row's window and recycled branches; the greedy prediction at each slot.
+    """One pass over every row's window and recycled branches; the prediction (greedy or sampled) at each slot.
 
     The 4-D mask is built here even when no row has a branch: transformers takes a 4-D mask as it is,
     which spares it building its own from the 2-D one on every pass (see benchmarks/pass_cost.py). A
@@ -187,7 +190,8 @@ def branch_forward(
         **{cache_keyword(type(model)): cache},
         use_cache=True,
     ).logits
-    return logits.argmax(-1).tolist()
+    first_positions = [len(lane.generated) for lane in lanes]  # the head's slot predicts this output position
+    return choose_tokens(logits, [lane.sampling for lane in lanes], first_positions, depth).tolist()
 
 
 def best_branch(lane: Lane, predictions: list[int], run: int) -> tuple[list[int], list[int], int]:
@@ -290,8 +294,10 @@ def multiblock_generate(
     init: str = "prompt",
     on_commit: Callable[[int, list[int]], bool | None] | None = None,
     seed: int = 0,
+    sampling: SamplingParams | Sequence[SamplingParams | None] | None = None,
 ) -> MultiBlockOutput:
-    """Greedy decoding by multi-block Jacobi iteration with rejection recycling; equals `generate(do_sample=False)`.
+    """Greedy decoding by multi-block Jacobi iteration with rejection recycling; equals `generate(do_sample=False)`,
+    or, with `sampling`, AR sampling with the same seeds (`ar_generate`).
 
     `blocks` (K) is the most blocks in flight per row, `spawn_after` the settled fraction of the newest block
     that opens the next, `recycle` the recycled branches verified per pass (0: none), each of up to
@@ -312,6 +318,7 @@ def multiblock_generate(
     if pad_token_id is None:
         pad_token_id = eos_token_id if isinstance(eos_token_id, int) else next(iter(eos_token_id or []), 0)
     batch = input_ids.shape[0]
+    row_sampling = sampling_per_row(sampling, batch)
     budgets = [max_new_tokens] * batch if isinstance(max_new_tokens, int) else list(max_new_tokens)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
@@ -325,10 +332,10 @@ def multiblock_generate(
     pooled = recycle > 0 or init == "ngram"
     lanes = [
         Lane(index=i, prompt=input_ids[i][attention_mask[i]].tolist(), budget=budgets[i],
-             pool=NgramPool(block_size) if pooled else None)
+             pool=NgramPool(block_size) if pooled else None, sampling=row_sampling[i])
         for i in range(batch)
     ]
-    cache, first_tokens = prefill(model, layout, input_ids, attention_mask)
+    cache, first_tokens = prefill(model, layout, input_ids, attention_mask, row_sampling)
     cache_mask = attention_mask
     for lane, token in zip(lanes, first_tokens, strict=True):
         if lane.pool is not None:

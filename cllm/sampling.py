@@ -122,17 +122,20 @@ def choose_tokens(
     logits: torch.Tensor,
     sampling: Sequence[SamplingParams | None] | None = None,
     first_positions: Sequence[int] | None = None,
+    depths: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The token every decoder takes at each slot of logits [rows, slots, vocab], in place of argmax.
 
-    Slot j of row r is output position first_positions[r] + j (0 is the first generated token); a row
+    Slot j of row r is output position first_positions[r] + depths[r, j] (0 is the first generated token);
+    `depths` defaults to j, a window of consecutive positions (multi-block branches restart it). A row
     without sampling settings, or at temperature 0, takes the argmax.
     """
     tokens = logits.argmax(-1)
     if sampling is None or all(params is None or params.greedy for params in sampling):
         return tokens
-    slots = torch.arange(logits.shape[1], device=logits.device)
+    if depths is None:
+        depths = torch.arange(logits.shape[1], device=logits.device).expand(logits.shape[0], -1)
     for r, params in enumerate(sampling):
         if params is not None and not params.greedy:
-            tokens[r] = sample_positions(logits[r], params, first_positions[r] + slots)
+            tokens[r] = sample_positions(logits[r], params, first_positions[r] + depths[r].to(logits.device))
     return tokens

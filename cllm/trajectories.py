@@ -7,7 +7,8 @@ The steps, in the order they run:
   plan_prompts    format + tokenize on the driver, attach answer labels, set aside prompts that fill the context
   plan_batches    fixed groups of prompts of similar length: a batch's random initial guesses depend on the
                   whole batch, so a rerun must decode exactly the same groups to reproduce the same states
-  decode_batch    `jacobi_generate(..., return_trajectories=True)`, remapped to dataset prompt ids
+  decode_batch    `jacobi_generate(..., return_trajectories=True)`, remapped to dataset prompt ids; greedy, or
+                  seeded sampling whose fixed points are the samples AR decoding would draw (`prompt_sampling`)
   clean_blocks    drop degenerate teacher output, counting why
   augment_record  optional: pull wrong tokens of intermediate states towards the fixed point
   records_to_table / read_trajectories   the Parquet layout
@@ -28,6 +29,7 @@ import pyarrow.parquet as pq
 from cllm.decoding import left_pad, response_budget
 from cllm.jacobi import jacobi_generate
 from cllm.models import format_prompt
+from cllm.sampling import SamplingParams
 
 TOKENS = pa.list_(pa.int32())
 TRAJECTORY_SCHEMA = pa.schema(
@@ -122,6 +124,9 @@ class DecodeSettings:
     max_token_run: int = 10  # 0 disables the filter
     repeat_ngram: int = 0  # 0 disables the filter
     augment_prob: float = 0.0  # 0 disables augmentation
+    temperature: float = 0.0  # 0: greedy trajectories; > 0: seeded sampling (`cllm.sampling`), per prompt
+    top_k: int = 0
+    top_p: float = 1.0
 
 
 @dataclass
@@ -141,6 +146,14 @@ class BatchStats:
 def batch_seed(seed: int, batch_id: int) -> int:
     """The initial-guess seed of one batch: fixed by the batch, not by the run that decodes it."""
     return seed * 1_000_003 + batch_id
+
+
+def prompt_sampling(settings: DecodeSettings, prompt_id: int) -> SamplingParams | None:
+    """A prompt's sampling settings: its noise is fixed by the run's seed and the prompt, not by its batch."""
+    if settings.temperature == 0:
+        return None
+    return SamplingParams(temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p,
+                          seed=settings.seed * 1_000_003 + prompt_id)
 
 
 def decode_batch(model, batch: dict, settings: DecodeSettings) -> tuple[list[dict], BatchStats]:
@@ -163,6 +176,7 @@ def decode_batch(model, batch: dict, settings: DecodeSettings) -> tuple[list[dic
         max_iters=settings.max_iters,
         return_trajectories=True,
         seed=batch_seed(settings.seed, batch["batch_id"]),
+        sampling=[prompt_sampling(settings, p["prompt_id"]) for p in prompts],
     )
     records = [to_dataset_ids(t, prompts, batch["batch_id"]) for t in out.trajectories]
     records.sort(key=lambda r: (r["prompt_id"], r["block_idx"]))

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from cllm.decoding import left_pad, response_budget
-from cllm.jacobi import jacobi_generate
+from cllm.jacobi import ar_generate, jacobi_generate
 from cllm.models import encode_prompts
 from cllm.trajectories import (
     PROMPT_TOO_LONG,
@@ -28,6 +28,7 @@ from cllm.trajectories import (
     longest_run,
     plan_batches,
     plan_prompts,
+    prompt_sampling,
     read_trajectories,
     records_to_table,
     repeats_earlier_ngram,
@@ -186,6 +187,26 @@ def test_decode_batch_cleans_and_augments(llama_model, tokenizer):
     augmented, _ = decode_batch(llama_model, batch, settings(augment_prob=1.0))
     assert [r["fixed_point"] for r in augmented] == [r["fixed_point"] for r in plain]
     assert augmented == [augment_record(r, 1.0, seed=5) for r in plain]
+
+
+def test_sampled_trajectories_end_at_what_ar_sampling_draws(llama_model, tokenizer):
+    """A prompt's fixed points are the sample AR decoding draws with its seed, in any batch it lands in."""
+    prompts = [{"prompt_id": 20 + i, "input_ids": tokenizer(p)["input_ids"], "labels": None}
+               for i, p in enumerate(PROMPTS)]
+    sampled = settings(temperature=0.8, top_p=0.95)
+    together, _ = decode_batch(llama_model, {"batch_id": 0, "prompts": prompts}, sampled)
+    greedy, _ = decode_batch(llama_model, {"batch_id": 0, "prompts": prompts}, settings())
+    for prompt in prompts:
+        params = prompt_sampling(sampled, prompt["prompt_id"])
+        ids = torch.tensor([prompt["input_ids"]])
+        drawn = ar_generate(llama_model, ids, max_new_tokens=24, eos_token_id=[EOS], sampling=params)
+        expected = drawn.sequences[0, ids.shape[1] : ids.shape[1] + drawn.new_tokens[0]].tolist()
+        alone, _ = decode_batch(llama_model, {"batch_id": 9, "prompts": [prompt]}, sampled)
+        for records in (together, alone):
+            blocks = sorted((r for r in records if r["prompt_id"] == prompt["prompt_id"]), key=lambda r: r["block_idx"])
+            assert sum((r["fixed_point"] for r in blocks), []) == expected
+    assert [r["fixed_point"] for r in together] != [r["fixed_point"] for r in greedy]
+    assert prompt_sampling(settings(), 20) is None
 
 
 def test_decode_batch_cuts_the_response_at_the_context(llama_model, tokenizer):
