@@ -2,9 +2,10 @@
 
     python benchmarks/sampling.py --model outputs/default/cllm --limit 100 --temperatures 0,0.3,0.7,1.0
 
-Held-out problems of the built-in task at batch size 1; problem i is sampled with seed i, so AR and
-Jacobi draw the same noise and must return the same tokens (the last column counts it). The two
-methods alternate problem by problem, so a change in machine load hits both alike.
+Held-out problems of the built-in task at batch size 1; problem i is sampled with seed i, so AR, Jacobi
+and multi-block Jacobi draw the same noise and must return the same tokens (the last column counts the
+outputs equal to AR's). The methods alternate problem by problem, so a change in machine load hits all
+alike.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
+from typing import Literal
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
@@ -22,6 +24,7 @@ from cllm.config import StageConfig, load_config  # noqa: E402
 from cllm.decoding import response_budget, special_tokens  # noqa: E402
 from cllm.jacobi import ar_generate, jacobi_generate  # noqa: E402
 from cllm.models import context_length, load_model  # noqa: E402
+from cllm.multiblock import multiblock_generate  # noqa: E402
 from cllm.sampling import SamplingParams  # noqa: E402
 from cllm.tasks import load_task  # noqa: E402
 from cllm.teacher import resolve_model  # noqa: E402
@@ -35,12 +38,16 @@ class SamplingBenchConfig(StageConfig):
     block_size: int = Field(16, ge=1)
     max_new_tokens: int = Field(256, ge=1)
     threads: int = Field(1, ge=1)
+    methods: list[Literal["jacobi", "multiblock"]] = ["jacobi", "multiblock"]  # besides AR, the reference
 
 
 def decode(loaded, ids, method: str, sampling: SamplingParams | None, cfg: SamplingBenchConfig, eos: list[int]):
     budget = response_budget(cfg.max_new_tokens, context_length(loaded.model), [ids.shape[1]])
     if method == "ar":
         return ar_generate(loaded.model, ids, max_new_tokens=budget, eos_token_id=eos, sampling=sampling)
+    if method == "multiblock":
+        return multiblock_generate(loaded.model, ids, max_new_tokens=budget, block_size=cfg.block_size,
+                                   eos_token_id=eos, sampling=sampling)
     return jacobi_generate(loaded.model, ids, max_new_tokens=budget, block_size=cfg.block_size, eos_token_id=eos,
                            sampling=sampling)
 
@@ -55,10 +62,10 @@ def main(argv: list[str] | None = None) -> None:
     encoded = [tokenizer(prompt, return_tensors="pt")["input_ids"] for prompt in task.prompts]
     decode(loaded, encoded[0], "jacobi", None, cfg, eos)  # warm-up
     print(f"model {cfg.model}, {len(encoded)} held-out problems, block {cfg.block_size}, batch 1, top_p {cfg.top_p}")
-    print("| temperature | method | TPF | tokens/s | speedup vs AR | accuracy | Jacobi == AR |")
+    print("| temperature | method | TPF | tokens/s | speedup vs AR | accuracy | == AR |")
     print("| ---: | --- | ---: | ---: | ---: | ---: | ---: |")
     for temperature in cfg.temperatures:
-        runs = {method: {"tokens": [], "passes": 0, "seconds": 0.0} for method in ("ar", "jacobi")}
+        runs = {method: {"tokens": [], "passes": 0, "seconds": 0.0} for method in ["ar", *cfg.methods]}
         for i, ids in enumerate(encoded):
             sampling = SamplingParams(temperature=temperature, top_p=cfg.top_p, seed=i) if temperature else None
             for method, run in runs.items():
@@ -67,11 +74,11 @@ def main(argv: list[str] | None = None) -> None:
                 run["seconds"] += time.perf_counter() - start
                 run["tokens"].append(out.sequences[0, ids.shape[1] : ids.shape[1] + out.new_tokens[0]].tolist())
                 run["passes"] += out.row_forward_passes[0]
-        same = sum(a == b for a, b in zip(runs["ar"]["tokens"], runs["jacobi"]["tokens"], strict=True))
         speed = {method: sum(map(len, run["tokens"])) / run["seconds"] for method, run in runs.items()}
         for method, run in runs.items():
             decoded = sum(max(len(tokens) - 1, 0) for tokens in run["tokens"])
             texts = [tokenizer.decode(tokens, skip_special_tokens=True) for tokens in run["tokens"]]
+            same = sum(a == b for a, b in zip(runs["ar"]["tokens"], run["tokens"], strict=True))
             print(f"| {temperature} | {method} | {decoded / run['passes']:.2f} | {speed[method]:.1f} | "
                   f"{speed[method] / speed['ar']:.2f}x | {100 * task.accuracy(texts):.1f}% | {same}/{len(encoded)} |",
                   flush=True)

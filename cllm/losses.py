@@ -9,10 +9,15 @@ frozen teacher copy is kept.
 The progressive objective packs many blocks into one row, where the token before a block token is not
 always the one to its left: its batches carry `predictor`, the index of the logit that predicts each
 token, and its targets are detached rows of the same forward.
+
+Every forward here computes the output layer only at the positions some loss reads (`forward_logits`
+with a `keep` mask, through transformers' `logits_to_keep`): with a 150k-token vocabulary, logits for
+every position of a batch (and their float32 copies) would take more memory than a 0.5B model itself.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -76,21 +81,65 @@ def consistency_loss_mask(
     return predicts_real & (predicted >= first_wrong[:, None]) & (predicted <= first_eos[:, None])
 
 
-def masked_kl(target_logits: torch.Tensor, student_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """mean over kept positions of KL(softmax(target) || softmax(student)); 0 when nothing is kept.
+def kl_rows(target_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    """mean over rows [N, vocab] of KL(softmax(target) || softmax(student)); 0 when there is no row.
 
     Forward KL has the gradient of the soft cross-entropy against the target but is 0 when the two
     distributions agree. The per-position mean (not the spec's sum over i) is what `w = 10` was tuned with.
     """
-    mask = mask.bool()
-    target = F.log_softmax(target_logits[mask].float(), dim=-1)
-    student = F.log_softmax(student_logits[mask].float(), dim=-1)
+    target = F.log_softmax(target_logits.float(), dim=-1)
+    student = F.log_softmax(student_logits.float(), dim=-1)
     kl = F.kl_div(student, target, log_target=True, reduction="sum")
-    return kl / mask.sum().clamp(min=1)
+    return kl / max(len(target_logits), 1)
 
 
-def forward_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    return model(input_ids=input_ids, attention_mask=attention_mask).logits
+def masked_kl(target_logits: torch.Tensor, student_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """`kl_rows` over the positions `mask` [B, T] keeps of two full logit tensors [B, T, vocab]."""
+    mask = mask.bool()
+    return kl_rows(target_logits[mask], student_logits[mask])
+
+
+@dataclass
+class KeptLogits:
+    """The output layer at some positions of a batch: `logits` [B, K, vocab] at the ascending `columns` [K]."""
+
+    logits: torch.Tensor
+    columns: torch.Tensor
+
+    def gather(self, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Logits [N, vocab] at (rows[n], positions[n]); every position must be one of the kept columns."""
+        column_of = torch.full((int(self.columns.max()) + 1 if len(self.columns) else 1,), -1,
+                               dtype=torch.long, device=self.columns.device)
+        column_of[self.columns] = torch.arange(len(self.columns), device=self.columns.device)
+        return self.logits[rows, column_of[positions]]
+
+    def at(self, keep: torch.Tensor) -> torch.Tensor:
+        """Logits [N, vocab] at the positions `keep` [B, T] marks, row by row (the order of `tensor[keep]`)."""
+        return self.logits[keep[:, self.columns]]
+
+
+def selects_logits(model) -> bool:
+    """Whether the model (under DDP, DeepSpeed or PEFT wrappers) takes `logits_to_keep`, as transformers' do."""
+    inner = model
+    while hasattr(inner, "module"):
+        inner = inner.module
+    if hasattr(inner, "get_base_model"):
+        inner = inner.get_base_model()
+    return "logits_to_keep" in inspect.signature(inner.forward).parameters
+
+
+def forward_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                   keep: torch.Tensor | None = None, **inputs) -> KeptLogits:
+    """One forward; the output layer runs only at the columns where some row of `keep` [B, T] is True
+    (every column without `keep`)."""
+    length = input_ids.shape[1]
+    columns = (torch.arange(length, device=input_ids.device) if keep is None
+               else keep.any(0).nonzero().flatten().to(input_ids.device))
+    if selects_logits(model):
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=columns, **inputs).logits
+    else:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, **inputs).logits[:, columns]
+    return KeptLogits(logits, columns)
 
 
 def global_consistency_loss(
@@ -99,18 +148,19 @@ def global_consistency_loss(
     fixed_point_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     loss_mask: torch.Tensor,
-    target_logits: torch.Tensor | None = None,
+    target_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """L_GC = mean_i KL( p_theta-(. | x, y*_<i) || p_theta(. | x, y_<i) ) over the kept logits i.
 
-    `target_logits` (logits of [prefix, y*]) may be passed in when an AR forward already computed them;
-    they are detached either way.
+    `target_rows` (the logits of [prefix, y*] at the kept positions, [N, vocab]) may be passed in when an
+    AR forward already computed them; they are detached either way.
     """
-    if target_logits is None:
+    loss_mask = loss_mask.bool()
+    if target_rows is None:
         with torch.no_grad():
-            target_logits = forward_logits(model, fixed_point_ids, attention_mask)
-    student_logits = forward_logits(model, state_ids, attention_mask)
-    return masked_kl(target_logits.detach(), student_logits, loss_mask)
+            target_rows = forward_logits(model, fixed_point_ids, attention_mask, loss_mask).at(loss_mask)
+    student_rows = forward_logits(model, state_ids, attention_mask, loss_mask).at(loss_mask)
+    return kl_rows(target_rows.detach(), student_rows)
 
 
 def local_consistency_loss(
@@ -121,24 +171,30 @@ def local_consistency_loss(
     loss_mask: torch.Tensor,
 ) -> torch.Tensor:
     """L_LC = mean_i KL( p_theta-(. | x, y^(j+1)_<i) || p_theta(. | x, y^(j)_<i) ) over the kept logits i."""
+    loss_mask = loss_mask.bool()
     with torch.no_grad():
-        target_logits = forward_logits(model, next_state_ids, attention_mask)
-    student_logits = forward_logits(model, state_ids, attention_mask)
-    return masked_kl(target_logits, student_logits, loss_mask)
+        target_rows = forward_logits(model, next_state_ids, attention_mask, loss_mask).at(loss_mask)
+    student_rows = forward_logits(model, state_ids, attention_mask, loss_mask).at(loss_mask)
+    return kl_rows(target_rows, student_rows)
+
+
+def predicted_labels(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(keep [B, T]: the logits that predict a label, targets [N]: those labels, in the order of `.at(keep)`)."""
+    following = labels[:, 1:]
+    labelled = following != IGNORE_INDEX
+    return F.pad(labelled, (0, 1)), following[labelled]  # logit t predicts label t+1
+
+
+def cross_entropy_rows(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """mean CE over rows [N, vocab] against `targets` [N]; 0 when there is no row."""
+    total = F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing, reduction="sum")
+    return total / max(len(targets), 1)
 
 
 def ar_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
     """L_AR = mean_t CE(logits_t, labels_{t+1}) over labels that are not IGNORE_INDEX (prompt, padding)."""
-    shifted_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
-    shifted_labels = labels[:, 1:].reshape(-1)
-    total = F.cross_entropy(
-        shifted_logits,
-        shifted_labels,
-        ignore_index=IGNORE_INDEX,
-        label_smoothing=label_smoothing,
-        reduction="sum",
-    )
-    return total / (shifted_labels != IGNORE_INDEX).sum().clamp(min=1)
+    keep, targets = predicted_labels(labels)
+    return cross_entropy_rows(logits[keep], targets, label_smoothing)
 
 
 def cllm_loss(
@@ -160,21 +216,23 @@ def cllm_loss(
     if consistency not in ("global", "local"):
         raise ValueError(f"consistency must be 'global', 'local' or 'progressive', got {consistency!r}")
     shared = "ar_input_ids" not in batch
+    ar_keep, ar_targets = predicted_labels(batch["ar_labels"])
+    loss_mask = batch["loss_mask"].bool()
     if shared:
         if consistency != "global":
             raise ValueError("a batch without ar_input_ids only works with global consistency")
-        ar_logits = forward_logits(model, batch["target_ids"], batch["attention_mask"])
+        ar_logits = forward_logits(model, batch["target_ids"], batch["attention_mask"], ar_keep | loss_mask)
     else:
-        ar_logits = forward_logits(model, batch["ar_input_ids"], batch["ar_attention_mask"])
-    l_ar = ar_loss(ar_logits, batch["ar_labels"], label_smoothing)
+        ar_logits = forward_logits(model, batch["ar_input_ids"], batch["ar_attention_mask"], ar_keep)
+    l_ar = cross_entropy_rows(ar_logits.at(ar_keep), ar_targets, label_smoothing)
     if consistency == "global":
         l_c = global_consistency_loss(
             model,
             batch["input_ids"],
             batch["target_ids"],
             batch["attention_mask"],
-            batch["loss_mask"],
-            target_logits=ar_logits if shared else None,
+            loss_mask,
+            target_rows=ar_logits.at(loss_mask) if shared else None,
         )
     else:
         l_c = local_consistency_loss(
@@ -208,16 +266,26 @@ def packed_attention_mask(segment_ids: torch.Tensor, position_ids: torch.Tensor)
     return causal | sees_prompt | sees_response | sees_earlier_clean | pad_self
 
 
-def packed_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """One forward over packed rows: the block mask as a 4D additive float mask, explicit position ids."""
+def packed_logits(model, batch: dict[str, torch.Tensor], read: torch.Tensor | None = None) -> KeptLogits:
+    """One forward over packed rows (the block mask as a 4D additive float mask, explicit position ids),
+    the output layer at the positions `read` [B, T] marks; by default the logits some loss reads: the
+    predictors of kept noisy tokens, of their clean partners and of labelled tokens."""
     allowed = packed_attention_mask(batch["segment_ids"], batch["position_ids"])
     dtype = next(model.parameters()).dtype
     additive = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
     additive = additive.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
-    return model(input_ids=batch["input_ids"], attention_mask=additive, position_ids=batch["position_ids"]).logits
+    if read is None:
+        predictor = batch["predictor"]
+        read = torch.zeros_like(batch["kl_mask"], dtype=torch.bool)
+        rows, cols = batch["kl_mask"].nonzero(as_tuple=True)
+        read[rows, predictor[rows, cols]] = True
+        read[rows, predictor[rows, batch["partner"][rows, cols]]] = True
+        rows, cols = (batch["ar_labels"] != IGNORE_INDEX).nonzero(as_tuple=True)
+        read[rows, predictor[rows, cols]] = True
+    return forward_logits(model, batch["input_ids"], additive, read, position_ids=batch["position_ids"])
 
 
-def progressive_consistency_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def progressive_consistency_loss(logits: KeptLogits, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """mean over kept noisy tokens of KL( p_theta-(. | clean prefix) || p_theta(. | noisy prefix) ).
 
     The student logit of a noisy token is the one that predicts it (its predecessor in the noisy block);
@@ -225,18 +293,16 @@ def progressive_consistency_loss(logits: torch.Tensor, batch: dict[str, torch.Te
     """
     rows, cols = batch["kl_mask"].nonzero(as_tuple=True)
     predictor = batch["predictor"]
-    student = logits[rows, predictor[rows, cols]]
-    target = logits.detach()[rows, predictor[rows, batch["partner"][rows, cols]]]
-    return masked_kl(target, student, torch.ones(len(rows), dtype=torch.bool, device=logits.device))
+    student = logits.gather(rows, predictor[rows, cols])
+    target = logits.gather(rows, predictor[rows, batch["partner"][rows, cols]]).detach()
+    return kl_rows(target, student)
 
 
-def packed_ar_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor], label_smoothing: float = 0.0) -> torch.Tensor:
+def packed_ar_loss(logits: KeptLogits, batch: dict[str, torch.Tensor], label_smoothing: float = 0.0) -> torch.Tensor:
     """L_AR = mean CE(logit that predicts token t, token t) over the labelled tokens (clean blocks or answer)."""
     labels = batch["ar_labels"]
     rows, cols = (labels != IGNORE_INDEX).nonzero(as_tuple=True)
-    predicted = logits[rows, batch["predictor"][rows, cols]].float()
-    total = F.cross_entropy(predicted, labels[rows, cols], label_smoothing=label_smoothing, reduction="sum")
-    return total / max(len(rows), 1)
+    return cross_entropy_rows(logits.gather(rows, batch["predictor"][rows, cols]), labels[rows, cols], label_smoothing)
 
 
 def progressive_loss(
@@ -251,5 +317,7 @@ def progressive_loss(
 
 def ar_objective(model, batch: dict[str, torch.Tensor], *, label_smoothing: float = 0.0) -> LossParts:
     """Plain next-token training (the teacher's own pretraining) on a batch from `cllm.data.collate_ar`."""
-    l_ar = ar_loss(forward_logits(model, batch["input_ids"], batch["attention_mask"]), batch["labels"], label_smoothing)
+    keep, targets = predicted_labels(batch["labels"])
+    rows = forward_logits(model, batch["input_ids"], batch["attention_mask"], keep).at(keep)
+    l_ar = cross_entropy_rows(rows, targets, label_smoothing)
     return LossParts(total=l_ar, consistency=torch.zeros_like(l_ar), ar=l_ar.detach())

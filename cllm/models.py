@@ -125,14 +125,37 @@ def load_tokenizer(name_or_path: str):
     return tokenizer
 
 
-def load_model(name_or_path: str, *, device: str | None = None, dtype: str | None = None) -> LoadedModel:
-    """Load a causal LM and its tokenizer from a local directory or a hub name, ready for inference."""
+def quantization_config(quantize: str, compute_dtype: torch.dtype):
+    """bitsandbytes settings for a QLoRA base: NF4 with double quantization (the QLoRA paper's), or int8."""
+    from transformers import BitsAndBytesConfig
+
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ModelLoadError("quantize needs bitsandbytes: pip install bitsandbytes") from None
+    if quantize == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute_dtype)
+
+
+def load_model(name_or_path: str, *, device: str | None = None, dtype: str | None = None,
+               quantize: str = "none") -> LoadedModel:
+    """Load a causal LM and its tokenizer from a local directory or a hub name, ready for inference.
+
+    `quantize` ("4bit", "8bit") loads the linear layers quantized by bitsandbytes (a QLoRA base); `dtype`
+    is then the dtype everything else keeps and the quantized layers compute in.
+    """
     path = name_or_path
     causal_lm_config(path)
     torch_device = pick_device(device)
     torch_dtype = pick_dtype(torch_device, dtype)
+    # On a GPU the weights go straight to it: no full copy of the model in host memory on the way.
+    placement = {"device_map": {"": torch_device}} if torch_device.type == "cuda" or quantize != "none" else {}
+    if quantize != "none":
+        placement["quantization_config"] = quantization_config(quantize, torch_dtype)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **placement)
     except (OSError, ValueError) as err:
         raise ModelLoadError(f"cannot load model weights from {name_or_path!r}: {err}") from err
     tokenizer = load_tokenizer(path)
@@ -140,7 +163,9 @@ def load_model(name_or_path: str, *, device: str | None = None, dtype: str | Non
         model.resize_token_embeddings(len(tokenizer))
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.to(torch_device).eval()
+    if quantize == "none":
+        model.to(torch_device)  # bitsandbytes models are placed by device_map and refuse .to()
+    model.eval()
     return LoadedModel(model=model, tokenizer=tokenizer, name=name_or_path)
 
 

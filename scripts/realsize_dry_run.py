@@ -358,9 +358,12 @@ class HeadOnly(torch.nn.Module):
         super().__init__()
         self.embed = torch.nn.Embedding(MODEL_VOCAB, REAL_SHAPES["hidden_size"], dtype=dtype)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **_):
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                logits_to_keep: int | torch.Tensor = 0, **_):
         hidden = self.embed(input_ids)
-        return SimpleNamespace(logits=hidden @ self.embed.weight.T)
+        # transformers' convention: an int keeps the last n positions (0: all), a tensor the listed ones
+        kept = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        return SimpleNamespace(logits=hidden[:, kept] @ self.embed.weight.T)
 
 
 def probe_records(batch: int, prefix: int, block: int, seed: int = 0) -> list[dict]:

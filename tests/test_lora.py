@@ -80,8 +80,8 @@ def greedy_outputs(model, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
     with torch.no_grad():
         hf = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
                             pad_token_id=0)
-    jacobi = jacobi_generate(model, input_ids, mask, max_new_tokens=12, block_size=4, eos_token_id=None,
-                             pad_token_id=0)
+    jacobi = jacobi_generate(model, input_ids, mask, max_new_tokens=12, block_size=4,
+                             eos_token_id=model.generation_config.eos_token_id, pad_token_id=0)
     return hf, jacobi.sequences
 
 
@@ -125,6 +125,45 @@ def test_unmerged_export_is_the_adapter_and_its_base(tiny_model_dir, tmp_path, m
     # transformers' PEFT integration loads the base the adapter names and puts the adapter on it
     reloaded = AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float32).eval()
     assert torch.equal(greedy_outputs(reloaded, tokenizer)[0], expected_hf)
+
+
+@pytest.mark.parametrize("quantize", ["4bit", "8bit"])
+def test_qlora_trains_an_adapter_on_a_quantized_base_and_merges_into_plain_weights(tiny_model_dir, tmp_path,
+                                                                                    quantize):
+    pytest.importorskip("bitsandbytes")
+    from bitsandbytes.nn import Linear4bit, Linear8bitLt
+    from peft import PeftModel
+
+    config = lora_config(tmp_path, tiny_model_dir, quantize=quantize)
+    loaded = load_model(str(tiny_model_dir), dtype="float32", quantize=quantize)
+    quantized = Linear4bit if quantize == "4bit" else Linear8bitLt
+    assert any(isinstance(module, quantized) for module in loaded.model.modules())
+    model = prepare_model(loaded.model.train(), config)
+    trainable_names = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable_names and all("lora_A" in name or "lora_B" in name for name in trainable_names)
+    losses = train_steps(model, fixed_batch(tmp_path, config), config, steps=8)
+    assert losses[-1] < 0.7 * losses[0], losses
+
+    tokenizer = char_tokenizer()
+    save_model_files(model.eval(), tmp_path / "ckpt", tokenizer, config, export=True)
+    exported = tmp_path / "ckpt" / MODEL_DIR
+    assert stored_dtypes(exported / "model.safetensors") == {"F32"}  # plain weights, no quantization state
+    merged = load_model(str(exported), dtype="float32").model
+    assert not any(isinstance(module, quantized) for module in merged.modules())
+    # the export is the adapter on the unquantized base, and decodes exactly like it
+    base = load_model(str(tiny_model_dir), dtype="float32").model
+    with_adapter = PeftModel.from_pretrained(base, str(tmp_path / "ckpt" / ADAPTER_DIR))
+    expected_hf, _ = greedy_outputs(with_adapter.get_base_model(), tokenizer)  # unmerged: base + adapter
+    merged_hf, merged_jacobi = greedy_outputs(merged, tokenizer)
+    assert torch.equal(merged_hf, expected_hf) and torch.equal(merged_jacobi, merged_hf)
+    assert not torch.equal(merged_hf, greedy_outputs(load_model(str(tiny_model_dir)).model, tokenizer)[0])
+
+
+def test_quantize_needs_lora_under_ddp(tmp_path):
+    with pytest.raises(ValueError, match="lora_rank > 0"):
+        lora_config(tmp_path, quantize="4bit", lora_rank=0)
+    with pytest.raises(ValueError, match="strategy ddp"):
+        lora_config(tmp_path, quantize="4bit", strategy="deepspeed")
 
 
 @pytest.mark.parametrize("lora_rank", [0, 4])
@@ -173,6 +212,50 @@ def test_lora_run_checkpoints_and_resumes(local_ray, tiny_model_dir, tmp_path):
     assert adapter_config["base_model_name_or_path"] == str(Path(tiny_model_dir).resolve())
 
 
+def stored_dtypes(path: Path) -> set[str]:
+    """The dtypes a safetensors file stores, read from its header."""
+    header_size = int.from_bytes(path.read_bytes()[:8], "little")
+    header = json.loads(path.read_bytes()[8 : 8 + header_size])
+    return {entry["dtype"] for name, entry in header.items() if name != "__metadata__"}
+
+
+@pytest.mark.parametrize("options, expected", [
+    (dict(bf16=False, lora_rank=4), "float32"),
+    (dict(bf16=True, lora_rank=4), "bfloat16"),
+    (dict(bf16=True, strategy="deepspeed", lora_rank=0), "bfloat16"),
+    (dict(bf16=True, lora_rank=0), "float32"),  # DDP full finetuning steps the weights themselves: fp32 under autocast
+])
+def test_weights_load_in_bf16_only_where_nothing_steps_them_in_fp32(tmp_path, options, expected):
+    assert lora_config(tmp_path, **options).weights_dtype == expected
+
+
+@pytest.mark.slow
+def test_lora_with_bf16_keeps_the_base_in_bf16_and_the_adapter_in_fp32(local_ray, tiny_model_dir, tmp_path):
+    data = write_trajectories(tmp_path / "traj.parquet")
+    config = config_for(tmp_path, tiny_model_dir, data, bf16=True, max_steps=2, lora_rank=4, lr=1e-2)
+    result = run_training(config)
+    assert result.metrics["step"] == 2 and result.metrics["ar_loss"] > 0
+    last = checkpoints(config)[-1]
+    assert stored_dtypes(last / ADAPTER_DIR / "adapter_model.safetensors") == {"F32"}
+    assert stored_dtypes(result.model_dir / "model.safetensors") == {"BF16"}  # the base's dtype, merged
+    merged = load_model(str(result.model_dir), dtype="bfloat16").model
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+
+
+@pytest.mark.slow
+def test_qlora_run_through_ray_train_checkpoints_resumes_and_exports(local_ray, tiny_model_dir, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    data = write_trajectories(tmp_path / "traj.parquet")
+    config = config_for(tmp_path, tiny_model_dir, data, max_steps=2, lora_rank=4, lr=1e-2, quantize="4bit")
+    first = run_training(config)
+    assert first.metrics["step"] == 2 and first.metrics["ar_loss"] > 0
+    assert stored_dtypes(checkpoints(config)[-1] / ADAPTER_DIR / "adapter_model.safetensors") == {"F32"}
+    merged = load_model(str(first.model_dir), dtype="float32").model
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    resumed = run_training(config.model_copy(update={"max_steps": 3}))  # the adapter goes back on the base
+    assert resumed.metrics["start_step"] == 2 and resumed.metrics["step"] == 3
+
+
 @pytest.mark.slow
 def test_lora_under_deepspeed_zero3_exports_the_merged_model(local_ray, tiny_model_dir, tmp_path):
     data = write_trajectories(tmp_path / "traj.parquet")
@@ -184,5 +267,6 @@ def test_lora_under_deepspeed_zero3_exports_the_merged_model(local_ray, tiny_mod
     merged = load_model(str(first.model_dir)).model
     assert not any("lora" in name for name, _ in merged.named_parameters())
     assert merged.config.num_hidden_layers == 2
+    assert stored_dtypes(first.model_dir / "model.safetensors") == {"BF16"}  # as trained, not upcast
     resumed = run_training(config.model_copy(update={"max_steps": 2}))  # the adapter comes back from the shards
     assert resumed.metrics["start_step"] == 1 and resumed.metrics["step"] == 2

@@ -132,13 +132,14 @@ def test_global_consistency_gradient_reaches_only_the_student(model):
     mask = consistency_loss_mask(pad(states), pad(fixed), mask_of(states), torch.tensor([3, 2]), [EOS])
     target_logits = model(input_ids=pad(fixed), attention_mask=mask_of(fixed)).logits  # has a graph
     model.zero_grad()
-    loss = global_consistency_loss(model, pad(states), pad(fixed), mask_of(states), mask, target_logits)
+    loss = global_consistency_loss(model, pad(states), pad(fixed), mask_of(states), mask, target_logits[mask])
     loss.backward()
     grad = model.lm_head.weight.grad
     assert grad is not None and grad.abs().sum() > 0
     # The target side was detached: the same loss with an explicitly detached target has the same grad.
     model.zero_grad()
-    global_consistency_loss(model, pad(states), pad(fixed), mask_of(states), mask, target_logits.detach()).backward()
+    detached = target_logits[mask].detach()
+    global_consistency_loss(model, pad(states), pad(fixed), mask_of(states), mask, detached).backward()
     assert torch.allclose(model.lm_head.weight.grad, grad)
     model.zero_grad()
 
@@ -202,6 +203,50 @@ def test_ar_loss_with_no_labels_is_zero_not_nan():
     logits = torch.randn(1, 4, 5)
     labels = torch.full((1, 4), IGNORE_INDEX)
     assert ar_loss(logits, labels).item() == 0.0
+
+
+class AllLogits(torch.nn.Module):
+    """The same model behind a forward that cannot select logits: the losses must slice them themselves."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+
+
+def output_layer_widths(model, batch: dict, consistency: str) -> tuple[object, list[int]]:
+    """`cllm_loss` and the number of positions the output layer saw in each of its forwards."""
+    widths = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda _m, args, _o: widths.append(args[0].shape[1]))
+    try:
+        return cllm_loss(model, batch, consistency=consistency), widths
+    finally:
+        hook.remove()
+
+
+def test_the_output_layer_runs_only_where_a_loss_reads(model):
+    """A 150k vocabulary makes logits at every position the largest tensor of a step: each forward of each
+    objective computes them only at the columns its losses read, with the same loss as full logits."""
+    states, fixed = sequences(STATES), sequences(FIXED)
+    mask = consistency_loss_mask(pad(states), pad(fixed), mask_of(states), torch.tensor([3, 2]), [EOS])
+    labels = pad([[IGNORE_INDEX] * 3 + FIXED[0], [IGNORE_INDEX] * 2 + FIXED[1]], IGNORE_INDEX)
+    batch = {"input_ids": pad(states), "target_ids": pad(fixed), "attention_mask": mask_of(states),
+             "loss_mask": mask, "ar_labels": labels}
+    separate = batch | {"ar_input_ids": pad(fixed), "ar_attention_mask": mask_of(fixed)}
+    packed = collate_progressive(progressive_records(labels=True), pad_token_id=PAD, eos_token_ids=[EOS],
+                                 ar_source="labels")
+    cases = [(batch, "global"), (separate, "global"), (separate, "local"), (packed, "progressive")]
+    for case, consistency in cases:
+        with torch.no_grad():
+            parts, widths = output_layer_widths(model, case, consistency)
+            reference = cllm_loss(AllLogits(model), case, consistency=consistency)
+        length = case["input_ids"].shape[1]
+        assert widths and all(width < length for width in widths), (consistency, widths, length)
+        assert parts.consistency.item() > 0 and parts.ar.item() > 0
+        assert parts.total.item() == pytest.approx(reference.total.item(), rel=1e-6), consistency
+        assert parts.consistency.item() == pytest.approx(reference.consistency.item(), rel=1e-6), consistency
 
 
 # ----- progressive objective: every block of a run in one packed forward -----
@@ -325,8 +370,9 @@ def test_packed_mask_lets_a_noisy_block_see_only_prompt_earlier_clean_blocks_and
 def test_student_logits_ignore_every_token_a_noisy_block_must_not_see(model):
     batch = collate_progressive(progressive_records(labels=True), pad_token_id=PAD, eos_token_ids=[EOS],
                                 ar_source="labels")
+    everywhere = torch.ones_like(batch["input_ids"], dtype=torch.bool)
     with torch.no_grad():
-        base = packed_logits(model, batch)
+        base = packed_logits(model, batch, everywhere).logits
     seg, pos = batch["segment_ids"][0], batch["position_ids"][0]
     noisy_1 = (seg == noisy_segment(1)).nonzero().flatten()
     q = noisy_1[1]  # a noisy token of block 1 with a later token of its block
@@ -336,7 +382,7 @@ def test_student_logits_ignore_every_token_a_noisy_block_must_not_see(model):
         changed = {key: value.clone() for key, value in batch.items()}
         changed["input_ids"][0, k] = 43 if batch["input_ids"][0, k] != 43 else 42
         with torch.no_grad():
-            logits = packed_logits(model, changed)
+            logits = packed_logits(model, changed, everywhere).logits
         assert torch.equal(logits[0, q], base[0, q]), k
         assert torch.equal(logits[1], base[1])  # rows never mix
     # A token it may see (block 0's fixed point) does change it.
@@ -344,7 +390,7 @@ def test_student_logits_ignore_every_token_a_noisy_block_must_not_see(model):
     changed = {key: value.clone() for key, value in batch.items()}
     changed["input_ids"][0, visible] = 43
     with torch.no_grad():
-        assert not torch.allclose(packed_logits(model, changed)[0, q], base[0, q])
+        assert not torch.allclose(packed_logits(model, changed, everywhere).logits[0, q], base[0, q])
 
 
 def test_progressive_loss_is_zero_consistency_when_states_are_fixed_points(model):

@@ -63,6 +63,9 @@ class TrainOptions(BaseModel):
     lora_dropout: float = Field(0.0, ge=0, lt=1)
     lora_target_modules: list[str] | None = Field(None, min_length=1)  # None: every linear layer but the output head
     merge_lora: bool = True  # export the merged model (a plain HF dir); False: the adapter and its base's name
+    # QLoRA: the frozen base loads quantized by bitsandbytes (NF4, double quantization, or int8); LoRA only,
+    # DDP only. The export merges the adapter into the base loaded again unquantized, in `weights_dtype`.
+    quantize: Literal["none", "4bit", "8bit"] = "none"
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~1/3 more compute
 
 
@@ -94,9 +97,23 @@ class TrainConfig(StageConfig, TrainOptions):
                 setattr(self, key, value)
         if "bf16" not in self.model_fields_set:
             self.bf16 = self.use_gpu
+        if self.quantize != "none" and (self.lora_rank == 0 or self.strategy != "ddp"):
+            raise ValueError("quantize trains a LoRA adapter on a quantized base: it needs lora_rank > 0 and "
+                             "strategy ddp (DeepSpeed cannot shard bitsandbytes weights)")
         if self.consistency == "progressive" and "shuffle_buffer" not in self.model_fields_set:
             self.shuffle_buffer = 0  # the feed shuffles whole prompts; a row shuffle would split their blocks
         return self
+
+    @property
+    def weights_dtype(self) -> str:
+        """The dtype the model is loaded (and exported) in: bf16 where nothing steps the weights in fp32.
+
+        DeepSpeed with bf16 keeps its own fp32 master copy of what trains (and would cast an fp32 model
+        down anyway); LoRA never steps the base weights, and PEFT keeps the adapter in fp32. DDP full
+        finetuning steps the weights themselves, so under bf16 autocast they stay fp32. Halving the
+        loaded weights is what lets a 7B base fit on a 24 GB GPU for LoRA at all.
+        """
+        return "bfloat16" if self.bf16 and (self.strategy == "deepspeed" or self.lora_rank > 0) else "float32"
 
 
 @dataclass

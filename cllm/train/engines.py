@@ -113,7 +113,7 @@ class DeepSpeedEngine:
         weights_dir = directory / "consolidated"
         self.model.save_16bit_model(str(weights_dir))  # collective for ZeRO-3
         if rank == 0:
-            model = AutoModelForCausalLM.from_config(self.hf_config)
+            model = AutoModelForCausalLM.from_config(self.hf_config, dtype=getattr(torch, self.config.weights_dtype))
             if self.lora:  # the consolidated state dict is the PEFT model's: base and adapter weights
                 model = add_lora(model, self.config, self.config.model)
             model.load_state_dict(torch.load(weights_dir / "pytorch_model.bin", weights_only=True))

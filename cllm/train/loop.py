@@ -162,7 +162,7 @@ def train_loop(loop_config: dict) -> None:
         # a LoRA run's checkpoint holds only the adapter: it goes back onto the base model
         resume_full = resume_ddp and config.lora_rank == 0
         source = str(checkpoint_dir / MODEL_DIR) if resume_full else config.model
-        loaded = load_model(source, device=str(device), dtype="float32")
+        loaded = load_model(source, device=str(device), dtype=config.weights_dtype, quantize=config.quantize)
         loaded.model.train()
         model = prepare_model(loaded.model, config, checkpoint_dir if resume_ddp else None)
         engine = make_engine(model, config, plan, checkpoint_dir)

@@ -5,6 +5,9 @@ PEFT), and how the model is written into a checkpoint.
     LoRA             every checkpoint holds `adapter/`, the PEFT adapter (resume puts it back on the base);
                      the final one also `model/`: the merged HF model, or with `merge_lora` off the adapter,
                      whose adapter_config.json names the base model to load it onto
+    QLoRA            LoRA on a base quantized by bitsandbytes (`quantize`); the merged model is the adapter
+                     folded into the base loaded again unquantized: merging into quantized weights would
+                     round the adapter away, and a standard HF directory holds plain weights
 """
 
 from __future__ import annotations
@@ -75,6 +78,11 @@ def add_lora(model, options: TrainOptions, base: str, adapter_dir: Path | None =
 def prepare_model(model, config: TrainConfig, checkpoint_dir: Path | None = None):
     """The model as the engine should train it. `checkpoint_dir` is a DDP checkpoint to take the adapter
     from (DeepSpeed restores the adapter weights itself, from its own shards)."""
+    if config.quantize != "none":
+        from peft import prepare_model_for_kbit_training
+
+        # freezes the base and keeps the layers bitsandbytes leaves unquantized (norms, embeddings) in fp32
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     if config.lora_rank == 0:
@@ -94,8 +102,21 @@ def save_model_files(model, directory: Path, tokenizer, config: TrainConfig, exp
         write_hf_dir(model, directory / MODEL_DIR, tokenizer)
         return
     write_hf_dir(model, directory / ADAPTER_DIR, tokenizer)  # a PeftModel saves only its adapter
-    if export:
-        export_lora(model, directory / MODEL_DIR, tokenizer, config.merge_lora)
+    if not export:
+        return
+    if config.quantize != "none" and config.merge_lora:
+        model = unquantized_with_adapter(config, directory / ADAPTER_DIR)
+    export_lora(model, directory / MODEL_DIR, tokenizer, config.merge_lora)
+
+
+def unquantized_with_adapter(config: TrainConfig, adapter_dir: Path):
+    """The base loaded again in plain weights (`weights_dtype`, on the CPU) with the trained adapter on it."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(config.model, dtype=getattr(torch, config.weights_dtype))
+    return PeftModel.from_pretrained(base, str(adapter_dir))
 
 
 def export_lora(model, directory: Path, tokenizer, merge: bool) -> None:
