@@ -23,6 +23,7 @@ A window of one token is one AR step: `mode="ar"` is this engine with block size
 
 from __future__ import annotations
 
+import copy
 import logging
 import random
 import threading
@@ -155,6 +156,7 @@ class Engine:
         special = special_tokens(loaded.tokenizer, self.model.generation_config)
         self.eos_ids = set(special.eos_ids)
         self.pad_id = special.pad_id
+        self.vocab_size = self.model.get_input_embeddings().num_embeddings
         self.block_size = 1 if mode == "ar" else decode.block_size
         self.init = decode.init
         self.max_running, self.max_tokens_per_step, self.compact_every = max_running, max_tokens_per_step, compact_every
@@ -184,6 +186,9 @@ class Engine:
         here (`cllm.serving.admit` checks the same for the server), so it can never fail a shared step."""
         if not job.prompt_ids or job.max_tokens < 1:
             raise ValueError("a request needs at least one prompt token and max_tokens >= 1")
+        outside = [t for t in job.prompt_ids if not 0 <= t < self.vocab_size]
+        if outside:
+            raise ValueError(f"prompt token ids must be in [0, {self.vocab_size}), got {outside[:5]}")
         room = room_for(self.context, len(job.prompt_ids))
         if room is not None and job.max_tokens > room:
             raise ValueError(
@@ -216,8 +221,9 @@ class Engine:
 
     @torch.inference_mode()
     def step(self) -> StepStats:
-        """Admit, iterate once, commit, retire. A failure of the pass itself fails the requests in it (the
-        cache can no longer be trusted) and leaves the engine empty and ready for the next request."""
+        """Admit, iterate once, commit, retire. A request whose prefill or pass fails on its own fails alone
+        (`admit`, `fail_culprits`); a pass that fails for the batch as a whole fails the requests in it
+        (the cache can no longer be trusted) and leaves the engine empty and ready for the next request."""
         stats = StepStats()
         start = time.perf_counter()
         try:
@@ -258,10 +264,10 @@ class Engine:
     def admit_waiting(self) -> int:
         """Prefill the newcomers together in a cache of their own, then merge their rows into the running cache."""
         jobs = self.take_waiting()
-        if not jobs:
-            return 0
-        now = time.perf_counter()
-        entries = [Running(job, self.new_row(job), now) for job in jobs]
+        return self.admit(jobs) if jobs else 0
+
+    def admit(self, jobs: list[DecodeJob]) -> int:
+        """Admit a group; if its prefill fails, each request alone, so one that cannot prefill fails by itself."""
         device = next(self.model.parameters()).device
         input_ids, prompt_mask = left_pad([job.prompt_ids for job in jobs], self.pad_id, device=device)
         prompt_mask = prompt_mask.bool()
@@ -270,11 +276,16 @@ class Engine:
                 self.model, self.layout, input_ids, prompt_mask, [job.sampling for job in jobs]
             )
         except Exception as err:
-            logger.exception("prefill failed; failing its %d requests", len(jobs))
-            for entry in entries:
-                entry.job.error = f"{type(err).__name__}: {err}"
-                self.end(entry.job)
+            if len(jobs) > 1:
+                logger.warning("prefill of %d requests failed (%s: %s); admitting them one by one",
+                               len(jobs), type(err).__name__, err)
+                return sum(self.admit([job]) for job in jobs)
+            logger.exception("prefill failed; failing its request")
+            jobs[0].error = f"{type(err).__name__}: {err}"
+            self.end(jobs[0])
             return 0
+        now = time.perf_counter()
+        entries = [Running(job, self.new_row(job), now) for job in jobs]
         self.dec.block_size = window_for(self.block_size, len(self.running) + len(jobs), self.max_tokens_per_step)
         for entry, token in zip(entries, first_tokens, strict=True):
             self.by_index[entry.row.index] = entry
@@ -309,7 +320,12 @@ class Engine:
         stats.running, stats.window = len(rows), width
         stats.slots = len(rows) * max(len(row.window) for row in rows)
         committed_before = sum(len(row.generated) for row in rows)
-        predictions = jacobi_forward(self.model, self.layout, self.cache, self.cache_mask, rows, self.pad_id)
+        try:
+            predictions = jacobi_forward(self.model, self.layout, self.cache, self.cache_mask, rows, self.pad_id)
+        except Exception:
+            if self.fail_culprits():
+                return
+            raise
         kept = [advance_row(row, preds, self.dec) for row, preds in zip(rows, predictions, strict=True)]
         self.cache_mask = roll_back_cache(self.cache, self.cache_mask, kept)
         stats.committed = sum(len(row.generated) for row in rows) - committed_before
@@ -342,6 +358,28 @@ class Engine:
         if not self.running:  # nothing left to attend to: start the next request from an empty cache
             self.cache = self.cache_mask = None
         return len(ended)
+
+    def fail_culprits(self) -> bool:
+        """After a failed pass: undo its cache writes, then run each row alone on a copy of its cache row.
+        Rows that fail alone fail; the others keep their state and try again at the next step. False when
+        every row passes alone (the pass fails only together): the step then fails every request in it."""
+        width = self.cache_mask.shape[1]
+        for layer in layer_tensors(self.cache):  # the layers the pass reached hold its window: drop it
+            layer.keys, layer.values = layer.keys[:, :, :width], layer.values[:, :, :width]
+        culprits = {}
+        for i, entry in enumerate(self.running):
+            alone = copy.deepcopy(self.cache)
+            alone.batch_select_indices(torch.tensor([i], device=self.cache_mask.device))
+            try:
+                jacobi_forward(self.model, self.layout, alone, self.cache_mask[i : i + 1], [entry.row], self.pad_id)
+            except Exception as err:
+                culprits[i] = f"{type(err).__name__}: {err}"
+        for i, error in culprits.items():
+            logger.error("request failed in a decoding pass and leaves it (%s); %d others go on", error,
+                         len(self.running) - len(culprits))
+            self.running[i].job.error = error
+            self.running[i].row.done = True
+        return bool(culprits)
 
     def fail_running(self, error: str) -> None:
         for entry in self.running:

@@ -274,6 +274,47 @@ def test_a_failing_pass_fails_its_requests_and_the_engine_goes_on(char_loaded, m
     assert later.error is None and later.tokens == greedy(char_loaded, later.prompt_ids, 20)
 
 
+OUTSIDE_THE_VOCABULARY = 10**6  # an id the embedding cannot look up: the forward pass itself fails
+
+
+def test_a_request_whose_prefill_fails_fails_alone(char_loaded):
+    """Requests admitted together: one that cannot prefill fails by itself, the others decode exactly."""
+    eng = engine(char_loaded, block_size=4)
+    jobs = [job(char_loaded, p, 20) for p in PROMPTS[:3]]
+    jobs[1].prompt_ids = jobs[1].prompt_ids + [OUTSIDE_THE_VOCABULARY]  # past `add`'s check, as a bug would be
+    ended = []
+    for j in jobs:
+        j.on_done = lambda j=j: ended.append(j)
+        eng.waiting.append(j)
+    eng.run_until_idle()
+    assert "IndexError" in jobs[1].error and jobs[1] in ended
+    for i in (0, 2):
+        assert jobs[i].error is None and jobs[i].tokens == greedy(char_loaded, jobs[i].prompt_ids, 20)
+    with pytest.raises(ValueError, match="token ids must be in"):
+        eng.add(DecodeJob(prompt_ids=[5, OUTSIDE_THE_VOCABULARY], max_tokens=5, text=TextStream(char_loaded.tokenizer)))
+
+
+def test_a_row_that_breaks_the_pass_fails_alone_and_the_others_stay_exact(char_loaded):
+    """A row whose window the model cannot read fails the shared pass: the pass is undone, each row is
+    tried alone, the culprit fails, and the others go on from where they were, still equal to `generate`."""
+    eng = engine(char_loaded, block_size=4)
+    jobs = [job(char_loaded, p, 24) for p in PROMPTS[:3]]
+    for j in jobs:
+        eng.add(j)
+    eng.step()
+    eng.step()
+    broken = eng.running[1]
+    broken.row.window[-1] = OUTSIDE_THE_VOCABULARY
+    width = eng.cache_width
+    stats = eng.step()
+    assert "IndexError" in broken.job.error and stats.finished == 1
+    assert eng.num_running == 2 and eng.cache_width == width  # the failed pass left nothing behind
+    check_cache_layout(eng)
+    eng.run_until_idle()
+    for i in (0, 2):
+        assert jobs[i].error is None and jobs[i].tokens == greedy(char_loaded, jobs[i].prompt_ids, 24)
+
+
 def test_a_request_that_cannot_fit_is_refused_before_it_joins(char_loaded):
     eng = engine(char_loaded)
     with pytest.raises(ValueError, match="context"):
