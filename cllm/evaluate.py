@@ -96,7 +96,7 @@ def decoders(loaded: LoadedModel, *, decode: DecodeFields, lookup_tokens: int) -
     """Each method as `fn(input_ids, max_new_tokens) -> (new token ids, commit histogram or None)`, batch 1.
 
     "jacobi" uses the configured initial guess (default: from the prompt), "jacobi_ngram" the n-gram pool,
-    "multiblock" two blocks in flight with rejection recycling (`cllm.multiblock`).
+    "multiblock" two blocks in flight (`cllm.multiblock`, its measured defaults: rejection recycling off).
     """
     model = loaded.model
     special = special_tokens(loaded.tokenizer, model.generation_config)

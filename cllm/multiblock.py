@@ -25,6 +25,10 @@ like the holes batching already leaves (see `cllm.jacobi`).
 Cost: on a CPU a pass costs more the wider it is (on the built-in model's shape, batch 1, one thread, each
 window token adds about 0.04 AR steps, all of it matrix-multiply arithmetic: benchmarks/pass_cost.py), so
 extra blocks and branches pay only where they raise tokens per pass faster than the window grows.
+Measured on the built-in CLLMs (docs/results.md): a second block opened once a quarter of the newest is
+settled pays; recycled branches raise tokens per pass by ~0.15 but cost more than that on a CPU, so the
+defaults are K = 2, spawn_after 0.25, no recycling (`recycle` > 0 turns it on, for hardware where a wider
+pass is nearly free).
 With sampling settings every slot takes `cllm.sampling.choose_tokens` with the noise of the output position
 it predicts (head + depth, in a branch too), so the output equals AR sampling with the same seed.
 
@@ -78,8 +82,8 @@ class MultiBlock(Decoding):
     """The plain mode's settings plus the multi-block ones."""
 
     blocks: int = 2  # K: blocks in flight per row
-    spawn_after: float = 0.5  # fraction of the newest block that must be settled before the next opens
-    recycle: int = 1  # recycled branches verified per row and pass
+    spawn_after: float = 0.25  # fraction of the newest block that must be settled before the next opens
+    recycle: int = 0  # recycled branches verified per row and pass
     recycle_len: int = 8  # tokens per recycled branch
     recycled_tokens: int = 0
     blocks_spawned: int = 0
@@ -286,8 +290,8 @@ def multiblock_generate(
     max_new_tokens: int | Sequence[int],
     block_size: int = 16,
     blocks: int = 2,
-    spawn_after: float = 0.5,
-    recycle: int = 1,
+    spawn_after: float = 0.25,
+    recycle: int = 0,
     recycle_len: int | None = None,
     eos_token_id: int | Sequence[int] | None = None,
     pad_token_id: int | None = None,
