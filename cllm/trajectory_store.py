@@ -52,13 +52,16 @@ def data_files(output: Path) -> list[Path]:
     return sorted(p for p in output.glob("*.parquet") if not p.name.startswith(("_", ".")))
 
 
-def open_manifest(output: Path, settings: dict, plan_summary: dict) -> dict:
-    """The manifest of `output`: created for a new collection, checked against a resumed one."""
+def open_manifest(output: Path, settings: dict, absent_means: dict, plan_summary: dict) -> dict:
+    """The manifest of `output`: created for a new collection, checked against a resumed one.
+
+    A key the manifest lacks was added to the settings after that run; `absent_means` gives the value
+    that run used (what the code did before the setting existed), and a key not there cannot differ.
+    """
     path = output / MANIFEST
     if path.is_file():
         manifest = json.loads(path.read_text())
-        # a key the manifest lacks was added to the settings after that run: it cannot have differed then
-        before = manifest["settings"]
+        before = absent_means | manifest["settings"]
         changed = {k: (before[k], v) for k, v in settings.items() if k in before and before[k] != v}
         if changed:
             diff = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())

@@ -215,6 +215,13 @@ def test_cli_reports_bad_input_without_a_traceback(tmp_path):
     assert "Traceback" not in err
 
 
+def test_trajectories_are_sampled_for_the_builtin_teacher_and_greedy_for_other_models(tmp_path, tiny_model_dir):
+    assert CollectConfig(output="o").temperature == 0.7  # builtin: the recipe measured in docs/results.md
+    assert collect_config(tiny_model_dir, tmp_path / "o").temperature == 0.0
+    assert collect_config(tiny_model_dir, tmp_path / "o", temperature=0.5).temperature == 0.5
+    assert CollectConfig(output="o", temperature=0.0).temperature == 0.0
+
+
 def test_settings_load_from_yaml_with_cli_overrides(tmp_path):
     path = tmp_path / "collect.yaml"
     path.write_text(yaml.safe_dump({"output": "out", "dataset": "data.jsonl", "block_size": 32, "actors": 4}))

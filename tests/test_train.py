@@ -282,7 +282,9 @@ def test_config_from_yaml_and_cli(tmp_path):
     # the built-in teacher (the default model) trains with its recipe, any other model with the paper's
     builtin_w = RECIPES["builtin"]["ar_weight"]
     assert (config.recipe, config.ar_weight, config.consistency) == ("builtin", builtin_w, "global")
+    assert config.epochs == RECIPES["builtin"]["epochs"] == 3
     other = load_config(TrainConfig, ["--config", str(yaml_file), "--model", str(tmp_path)])
-    assert (other.recipe, other.ar_weight, other.lr) == ("model", 10.0, 2e-5)
+    assert (other.recipe, other.ar_weight, other.lr, other.epochs) == ("model", 10.0, 2e-5, 2)
+    assert load_config(TrainConfig, ["--config", str(yaml_file), "--epochs", "1"]).epochs == 1  # a set value wins
     with pytest.raises(ValueError, match="zero_stage"):
         load_config(TrainConfig, ["--config", str(yaml_file), "--zero-stage", "4"])

@@ -21,23 +21,32 @@ def write_batch(path, batch_id: int, rows: int = 2) -> None:
 
 
 def test_new_manifest_then_resume_with_same_settings(tmp_path):
-    manifest = open_manifest(tmp_path, SETTINGS, PLAN)
+    manifest = open_manifest(tmp_path, SETTINGS, {}, PLAN)
     assert manifest["settings"] == SETTINGS and manifest["runs"] == [] and manifest["batches"] == 2
     record_run(tmp_path, manifest, [BatchStats(batch_id=0, prompts=2, blocks=3, rows=3)], 1.5, set(), False)
-    again = open_manifest(tmp_path, SETTINGS, PLAN)
+    again = open_manifest(tmp_path, SETTINGS, {}, PLAN)
     assert len(again["runs"]) == 1 and again["runs"][0]["rows"] == 3 and again["complete"] is False
 
 
 def test_other_settings_are_refused_naming_the_change(tmp_path):
-    open_manifest(tmp_path, SETTINGS, PLAN)
+    open_manifest(tmp_path, SETTINGS, {}, PLAN)
     with pytest.raises(ValueError, match=r"block_size: 8 -> 16"):
-        open_manifest(tmp_path, {**SETTINGS, "block_size": 16}, PLAN)
+        open_manifest(tmp_path, {**SETTINGS, "block_size": 16}, {}, PLAN)
+
+
+def test_a_setting_newer_than_the_manifest_compares_with_what_that_run_did(tmp_path):
+    open_manifest(tmp_path, SETTINGS, {}, PLAN)  # written before `temperature` existed
+    again = open_manifest(tmp_path, {**SETTINGS, "temperature": 0.0}, {"temperature": 0.0}, PLAN)
+    assert again["settings"] == SETTINGS
+    with pytest.raises(ValueError, match=r"temperature: 0.0 -> 0.7"):
+        open_manifest(tmp_path, {**SETTINGS, "temperature": 0.7}, {"temperature": 0.0}, PLAN)
+    open_manifest(tmp_path, {**SETTINGS, "top_k": 5}, {}, PLAN)  # unknown to the old run and to absent_means
 
 
 def test_foreign_parquet_files_are_refused(tmp_path):
     write_batch(tmp_path / "theirs.parquet", 0)
     with pytest.raises(ValueError, match="no collection run wrote"):
-        open_manifest(tmp_path, SETTINGS, PLAN)
+        open_manifest(tmp_path, SETTINGS, {}, PLAN)
 
 
 def test_scan_finds_batches_and_deletes_debris(tmp_path):
@@ -81,7 +90,7 @@ def _try_lock(output) -> str:
 
 
 def test_the_manifest_is_replaced_whole(tmp_path):
-    manifest = open_manifest(tmp_path, SETTINGS, PLAN)
+    manifest = open_manifest(tmp_path, SETTINGS, {}, PLAN)
     record_run(tmp_path, manifest, [], 0.0, {1}, True)
     written = json.loads((tmp_path / MANIFEST).read_text())
     assert written["empty_batches"] == [1] and written["complete"] is True

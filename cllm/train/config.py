@@ -14,13 +14,17 @@ from cllm.models import BUILTIN_MODEL, is_builtin_teacher
 
 # Consistency-training defaults per kind of model. The built-in 1.8M-parameter teacher needs a large
 # lr, and at the paper's w = 10 it lost 8 points of accuracy (81% vs 89%, TPF 2.82); w = 20 over two
-# epochs of 1500 prompts gave TPF 3.06 at 90% (measured, docs/results.md). Real models get the paper's.
-RECIPES = {"builtin": {"lr": 1.5e-3, "ar_weight": 20.0}, "model": {"lr": 2e-5, "ar_weight": 10.0}}
+# epochs of 1500 prompts gave TPF 3.06 at 90%, and a third epoch (on trajectories sampled at T 0.7,
+# `cllm.collect.COLLECT_RECIPES`) multi-block TPF 5.73 vs 5.14 at 99.3% (measured, docs/results.md).
+# Real models get the paper's.
+RECIPES = {"builtin": {"lr": 1.5e-3, "ar_weight": 20.0, "epochs": 3},
+           "model": {"lr": 2e-5, "ar_weight": 10.0, "epochs": 2}}
 Recipe = Literal["builtin", "model"]
 
 
 class TrainOptions(BaseModel):
-    """The knobs of a run (not what it reads or writes); lr and ar_weight left unset take the model's recipe."""
+    """The knobs of a run (not what it reads or writes); lr, ar_weight and epochs left unset take the model's
+    recipe."""
 
     # progressive: a prompt's consecutive blocks packed in one sequence, one forward (cllm.data.collate_progressive)
     consistency: Literal["global", "local", "progressive"] = "global"
@@ -47,7 +51,7 @@ class TrainOptions(BaseModel):
     weight_decay: float = Field(0.0, ge=0)
     warmup_ratio: float = Field(0.03, ge=0, lt=1)
     grad_clip: float = Field(1.0, ge=0)  # 0 disables clipping
-    epochs: int = Field(2, ge=1)
+    epochs: int | None = Field(None, ge=1)
     max_steps: int | None = Field(None, ge=1)  # overrides epochs
     shuffle_buffer: int = Field(256, ge=0)  # Ray Data local shuffle; 0 keeps file order
     length_window: int = Field(0, ge=0)  # batches of similar length cut from this many (less padding); 0: off
@@ -79,7 +83,7 @@ class TrainConfig(StageConfig, TrainOptions):
     run_name: str = "cllm-train"  # same storage_path + run_name => resume
     ray_address: str | None = None  # CLI only: None joins RAY_ADDRESS / a running cluster, "local" starts one
     objective: Literal["consistency", "ar"] = "consistency"  # "ar": plain next-token training
-    recipe: Recipe | None = None  # which RECIPES entry fills lr/ar_weight; None: from the model
+    recipe: Recipe | None = None  # which RECIPES entry fills lr/ar_weight/epochs; None: from the model
     use_gpu: bool = False
     seed: int = 0
 
