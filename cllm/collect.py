@@ -26,16 +26,16 @@ from pydantic import BaseModel, Field, model_validator
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from transformers import GenerationConfig
 
-from cllm.config import StageConfig
+from cllm.config import StageConfig, fill_unset
 from cllm.decoding import DecodeFields, special_tokens
 from cllm.models import (
     BUILTIN_MODEL,
     absolute_if_local,
     causal_lm_config,
     context_length,
-    is_builtin_teacher,
     load_model,
     load_tokenizer,
+    recipe_kind,
 )
 from cllm.tasks import READ_REASONS, SET_ASIDE_REASONS, DataFields
 from cllm.trajectories import (
@@ -89,10 +89,7 @@ class CollectConfig(StageConfig, DataFields, DecodeFields, CollectOptions):
 
     @model_validator(mode="after")
     def fill_recipe(self) -> CollectConfig:
-        kind = "builtin" if self.model == BUILTIN_MODEL or is_builtin_teacher(self.model) else "model"
-        for key, value in COLLECT_RECIPES[kind].items():
-            if getattr(self, key) is None:
-                setattr(self, key, value)
+        fill_unset(self, COLLECT_RECIPES[recipe_kind(self.model)])
         return self
 
 

@@ -21,6 +21,13 @@ class ConfigError(ValueError):
     """A config file or command-line override that cannot be used."""
 
 
+def fill_unset(config, recipe: dict[str, Any]) -> None:
+    """Give the fields left None the recipe's values; a value the user set always wins."""
+    for key, value in recipe.items():
+        if getattr(config, key) is None:
+            setattr(config, key, value)
+
+
 class StageConfig(BaseSettings):
     """Base of every stage config: no environment variables, unknown keys rejected."""
 

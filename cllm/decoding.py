@@ -63,6 +63,13 @@ def response_budget(max_new_tokens: int, context: int | None, prompt_lengths: Se
     return max_new_tokens if room is None else max(1, min(max_new_tokens, room))
 
 
+def check_token_ids(ids: Sequence[int], vocab_size: int) -> None:
+    """Refuse token ids the model's embedding cannot look up (they would fail the forward pass)."""
+    outside = [t for t in ids if not 0 <= t < vocab_size]
+    if outside:
+        raise ValueError(f"prompt token ids must be in [0, {vocab_size}), got {outside[:5]}")
+
+
 def left_pad(rows: Sequence[Sequence[int]], pad_token_id: int, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded `input_ids` and `attention_mask` for prompts given as token ids (what `generate` takes)."""
     if not rows or any(len(row) == 0 for row in rows):

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from cllm.decoding import DecodeFields, left_pad, room_for, special_tokens
+from cllm.decoding import DecodeFields, check_token_ids, left_pad, room_for, special_tokens
 from cllm.guesses import NgramPool
 from cllm.jacobi import (
     Decoding,
@@ -186,9 +186,7 @@ class Engine:
         here (`cllm.serving.admit` checks the same for the server), so it can never fail a shared step."""
         if not job.prompt_ids or job.max_tokens < 1:
             raise ValueError("a request needs at least one prompt token and max_tokens >= 1")
-        outside = [t for t in job.prompt_ids if not 0 <= t < self.vocab_size]
-        if outside:
-            raise ValueError(f"prompt token ids must be in [0, {self.vocab_size}), got {outside[:5]}")
+        check_token_ids(job.prompt_ids, self.vocab_size)
         room = room_for(self.context, len(job.prompt_ids))
         if room is not None and job.max_tokens > room:
             raise ValueError(

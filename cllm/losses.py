@@ -17,12 +17,13 @@ every position of a batch (and their float32 copies) would take more memory than
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from cllm.models import forward_takes
 
 IGNORE_INDEX = -100  # label value that `ar_loss` skips (prompt and padding)
 
@@ -106,12 +107,15 @@ class KeptLogits:
     logits: torch.Tensor
     columns: torch.Tensor
 
+    def __post_init__(self) -> None:
+        # position -> its index among the kept columns (-1: not kept)
+        self.column_of = torch.full((int(self.columns.max()) + 1 if len(self.columns) else 1,), -1,
+                                    dtype=torch.long, device=self.columns.device)
+        self.column_of[self.columns] = torch.arange(len(self.columns), device=self.columns.device)
+
     def gather(self, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Logits [N, vocab] at (rows[n], positions[n]); every position must be one of the kept columns."""
-        column_of = torch.full((int(self.columns.max()) + 1 if len(self.columns) else 1,), -1,
-                               dtype=torch.long, device=self.columns.device)
-        column_of[self.columns] = torch.arange(len(self.columns), device=self.columns.device)
-        return self.logits[rows, column_of[positions]]
+        return self.logits[rows, self.column_of[positions]]
 
     def at(self, keep: torch.Tensor) -> torch.Tensor:
         """Logits [N, vocab] at the positions `keep` [B, T] marks, row by row (the order of `tensor[keep]`)."""
@@ -125,7 +129,7 @@ def selects_logits(model) -> bool:
         inner = inner.module
     if hasattr(inner, "get_base_model"):
         inner = inner.get_base_model()
-    return "logits_to_keep" in inspect.signature(inner.forward).parameters
+    return forward_takes(type(inner), "logits_to_keep")
 
 
 def forward_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,

@@ -75,6 +75,12 @@ def is_builtin_teacher(model_dir: str | Path) -> bool:
     return (Path(model_dir) / TEACHER_METADATA).is_file()
 
 
+def recipe_kind(model: str) -> str:
+    """Which recipe a model takes: "builtin" for the project's teacher (by name, or a directory holding its
+    teacher.json), "model" for any other."""
+    return "builtin" if model == BUILTIN_MODEL or is_builtin_teacher(model) else "model"
+
+
 def causal_lm_config(name_or_path: str):
     """The model's config, checked to be a causal LM: a bad model fails in the driver, not in every worker."""
     if name_or_path == BUILTIN_MODEL:
@@ -103,11 +109,15 @@ def context_length(model: PreTrainedModel) -> int | None:
 
 
 @functools.cache
+def forward_takes(model_class: type, keyword: str) -> bool:
+    """Whether the model class's forward() has the keyword (checked once per class)."""
+    return keyword in inspect.signature(model_class.forward).parameters
+
+
 def cache_keyword(model_class: type) -> str:
     """The forward() keyword that takes a KV cache: transformers 5.24 renamed `past_key_values` to
     `cache` (the old name warns, and goes in 5.40); older releases and some models know only the old."""
-    parameters = inspect.signature(model_class.forward).parameters
-    return "cache" if "cache" in parameters else "past_key_values"
+    return "cache" if forward_takes(model_class, "cache") else "past_key_values"
 
 
 def load_tokenizer(name_or_path: str):

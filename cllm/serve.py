@@ -34,7 +34,7 @@ from ray.serve import metrics
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cllm.config import ConfigError, StageConfig
-from cllm.decoding import DecodeFields
+from cllm.decoding import DecodeFields, check_token_ids
 from cllm.engine import Engine, StepStats
 from cllm.models import BUILTIN_MODEL, format_prompt, is_missing_path, load_model
 from cllm.openai_api import (
@@ -336,9 +336,10 @@ class JacobiServer:
             raise OpenAIError(f"cannot tokenize {param}: {err}", param=param) from None
 
     def encode_ids(self, ids: list[int]) -> list[int]:
-        bad = [t for t in ids if not 0 <= t < self.vocab_size]
-        if bad:
-            raise OpenAIError(f"prompt token ids must be in [0, {self.vocab_size}), got {bad[:5]}", param="prompt")
+        try:
+            check_token_ids(ids, self.vocab_size)
+        except ValueError as err:
+            raise OpenAIError(str(err), param="prompt") from None
         return list(ids)
 
     def admit(self, prompt_ids: list[int], max_tokens: int | None, stop: list[str], sampling=None) -> DecodeJob:

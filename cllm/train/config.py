@@ -9,8 +9,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, model_validator
 
-from cllm.config import StageConfig
-from cllm.models import BUILTIN_MODEL, is_builtin_teacher
+from cllm.config import StageConfig, fill_unset
+from cllm.models import BUILTIN_MODEL, recipe_kind
 
 # Consistency-training defaults per kind of model. The built-in 1.8M-parameter teacher needs a large
 # lr, and at the paper's w = 10 it lost 8 points of accuracy (81% vs 89%, TPF 2.82); w = 20 over two
@@ -94,11 +94,8 @@ class TrainConfig(StageConfig, TrainOptions):
         elif "://" not in self.storage_path:
             self.storage_path = str(Path(self.storage_path).resolve())
         if self.recipe is None:
-            builtin = self.model == BUILTIN_MODEL or is_builtin_teacher(self.model)
-            self.recipe = "builtin" if builtin else "model"
-        for key, value in RECIPES[self.recipe].items():
-            if getattr(self, key) is None:
-                setattr(self, key, value)
+            self.recipe = recipe_kind(self.model)
+        fill_unset(self, RECIPES[self.recipe])
         if "bf16" not in self.model_fields_set:
             self.bf16 = self.use_gpu
         if self.quantize != "none" and (self.lora_rank == 0 or self.strategy != "ddp"):
