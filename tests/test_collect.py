@@ -14,6 +14,8 @@ import sys
 import time
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
@@ -132,6 +134,18 @@ def wait_until_quiet(output: Path, seconds: float = 3.0) -> None:
         time.sleep(seconds)
 
 
+def finished_files(output: Path) -> list[Path]:
+    """Data files whose write finished (they have a Parquet footer); one being written has none yet."""
+    finished = []
+    for path in data_files(output):
+        try:
+            pq.ParquetFile(path)
+        except (pa.ArrowException, OSError):
+            continue
+        finished.append(path)
+    return finished
+
+
 def test_killed_run_resumes_to_exactly_the_rows_of_an_uninterrupted_run(collected, local_ray, tmp_path):
     reference, _, rows = collected
     output = tmp_path / "trajectories"
@@ -143,7 +157,8 @@ def test_killed_run_resumes_to_exactly_the_rows_of_an_uninterrupted_run(collecte
         proc = cli(*args, f"--model={config.model}", f"--output={output}", f"--ray-address={cluster.address}",
                    stdout=log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + 240
-        while proc.poll() is None and not data_files(output) and time.monotonic() < deadline:
+        # kill once a batch is durably written: a kill during the first write leaves nothing to resume from
+        while proc.poll() is None and not finished_files(output) and time.monotonic() < deadline:
             time.sleep(0.05)
         proc.kill()
         proc.wait()
