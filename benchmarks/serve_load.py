@@ -12,7 +12,10 @@ same model, same replica resources, only `mode` and `engine` differ), warms each
 concurrency level drives each variant in turn with a bounded number of requests (closed loop: each client
 sends its next request when the last one is answered), then, for each `--arrival-rates` value, sends
 requests at Poisson-distributed times whatever the server's pace (open loop). It prints requests/s,
-tokens/s, p50/p99 latency, p50/p99 time to first token (streaming), tokens per forward and errors. Every
+tokens/s, p50/p99 latency, p50/p99 time to first token (streaming; p99 also without each client's first
+request, which all clients send at once), the replica's own first-token time (`jacobi_stats`: what the
+client waits beyond it is the proxy and the network), tokens per forward and errors. The clients are
+coroutines on one event loop, so the load generator takes little of the server's CPU. Every
 variant decodes greedily, so all must answer identically, and equal to `generate` run here on the same
 model (`--check`); it checks both.
 Prompts are the built-in task's test problems.
@@ -20,6 +23,7 @@ Prompts are the built-in task's test problems.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import socket
@@ -27,13 +31,13 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+import aiohttp  # noqa: E402
 from pydantic import Field  # noqa: E402
 
 from cllm.config import StageConfig, load_config  # noqa: E402
@@ -47,6 +51,7 @@ class LoadConfig(StageConfig):
     modes: list[Literal["jacobi", "ar"]] = ["jacobi", "ar"]
     engines: list[Literal["continuous", "static"]] = ["continuous", "static"]
     max_tokens_per_step: int = Field(256, ge=1)  # continuous engine's per-pass token budget
+    prefill_first: bool = True  # continuous engine: a step that admits requests runs no pass
     concurrency: list[int] = [1, 16]
     requests_per_client: int = Field(4, ge=1)
     arrival_rates: list[float] = []  # open loop: requests per second, Poisson arrivals
@@ -70,42 +75,43 @@ class Outcome:
     forward_passes: int
     text: str
     error: str | None = None
+    replica_first_token: float | None = None  # the replica's own first-token time (`jacobi_stats`)
+    client_first: bool = False  # a closed-loop client's first request: all clients send theirs at once
 
 
-def attempt(base: str, payload: dict, stream: bool, timeout: float) -> Outcome:
+async def attempt(session: aiohttp.ClientSession, base: str, payload: dict, stream: bool, timeout: float) -> Outcome:
     """`complete`, with a failure counted as an outcome instead of ending the run."""
     start = time.perf_counter()
     try:
-        return complete(base, payload, stream, timeout)
-    except (OSError, RuntimeError, ValueError) as err:  # HTTP errors, resets, timeouts, bad events
+        return await complete(session, base, payload, stream, timeout)
+    except (OSError, aiohttp.ClientError, asyncio.TimeoutError, RuntimeError, ValueError) as err:
         return Outcome(time.perf_counter() - start, None, 0, 0, "", error=f"{type(err).__name__}: {err}")
 
 
-def post_json(url: str, payload: dict, timeout: float):
-    request = urllib.request.Request(
-        url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"}
-    )
-    return urllib.request.urlopen(request, timeout=timeout)
-
-
-def complete(base: str, payload: dict, stream: bool, timeout: float) -> Outcome:
+async def complete(session: aiohttp.ClientSession, base: str, payload: dict, stream: bool, timeout: float) -> Outcome:
     """One request; with streaming, read the SSE events and note when the first text arrived."""
     start = time.perf_counter()
     payload = {**payload, "stream": stream}
     if stream:
         payload["stream_options"] = {"include_usage": True}
-    with post_json(base + "/v1/completions", payload, timeout) as response:
+    async with session.post(
+        base + "/v1/completions", json=payload, timeout=aiohttp.ClientTimeout(total=timeout)
+    ) as response:
+        if response.status != 200:
+            raise RuntimeError(f"HTTP {response.status}: {await response.text()}")
         if not stream:
-            answer = json.loads(response.read())
+            answer = await response.json()
+            stats = answer["jacobi_stats"]
             return Outcome(
                 time.perf_counter() - start,
                 None,
                 answer["usage"]["completion_tokens"],
-                answer["jacobi_stats"]["forward_passes"],
+                stats["forward_passes"],
                 answer["choices"][0]["text"],
+                replica_first_token=stats.get("first_token_seconds"),
             )
-        first, text, tokens, passes = None, [], 0, 0
-        for raw in response:
+        first, text, tokens, stats = None, [], 0, {}
+        async for raw in response.content:
             line = raw.decode("utf-8").strip()
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
@@ -116,49 +122,67 @@ def complete(base: str, payload: dict, stream: bool, timeout: float) -> Outcome:
                 if choice["text"] and first is None:
                     first = time.perf_counter() - start
                 text.append(choice["text"])
-            if event.get("jacobi_stats"):
-                passes = event["jacobi_stats"]["forward_passes"]
+            stats = event.get("jacobi_stats") or stats
             if event.get("usage"):
                 tokens = event["usage"]["completion_tokens"]
-    return Outcome(time.perf_counter() - start, first, tokens, passes, "".join(text))
+    return Outcome(time.perf_counter() - start, first, tokens, stats.get("forward_passes", 0), "".join(text),
+                   replica_first_token=stats.get("first_token_seconds"))
 
 
-def run_load(base: str, cfg: LoadConfig, model_name: str, prompts: list[str], concurrency: int):
-    """`concurrency` clients, each sending `requests_per_client` requests back to back."""
+def client_session() -> aiohttp.ClientSession:
+    """One session for all clients of a load level: no connection limit, so concurrency is the clients'."""
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
 
-    def client(c: int) -> list[tuple[str, Outcome]]:
+
+async def run_load(base: str, cfg: LoadConfig, model_name: str, prompts: list[str], concurrency: int):
+    """`concurrency` clients, each sending `requests_per_client` requests back to back.
+
+    The clients are coroutines on one event loop, not threads: on a machine that also runs the server, a
+    thread per client would spend the server's cores on the client's lock contention."""
+
+    async def client(session: aiohttp.ClientSession, c: int) -> list[tuple[str, Outcome]]:
         results = []
         for r in range(cfg.requests_per_client):
             prompt = prompts[(c * cfg.requests_per_client + r) % len(prompts)]
             payload = {"model": model_name, "prompt": prompt, "max_tokens": cfg.max_tokens}
-            results.append((prompt, attempt(base, payload, cfg.stream, cfg.request_timeout_s)))
+            outcome = await attempt(session, base, payload, cfg.stream, cfg.request_timeout_s)
+            outcome.client_first = r == 0
+            results.append((prompt, outcome))
         return results
 
-    start = time.perf_counter()
-    with ThreadPoolExecutor(concurrency) as pool:
-        per_client = list(pool.map(client, range(concurrency)))
-    wall = time.perf_counter() - start
+    async with client_session() as session:
+        start = time.perf_counter()
+        per_client = await asyncio.gather(*(client(session, c) for c in range(concurrency)))
+        wall = time.perf_counter() - start
     return [item for results in per_client for item in results], wall
 
 
-def run_open_loop(base: str, cfg: LoadConfig, model_name: str, prompts: list[str], rate: float):
-    """Requests sent at Poisson arrival times (`rate` per second), each on its own thread."""
+async def run_open_loop(base: str, cfg: LoadConfig, model_name: str, prompts: list[str], rate: float):
+    """Requests sent at Poisson-distributed times (`rate` per second), whatever the server's pace."""
     arrivals = random.Random(cfg.seed)
     schedule, at = [], 0.0
     for _ in range(cfg.open_loop_requests):
         at += arrivals.expovariate(rate)
         schedule.append(at)
 
-    def request(index: int) -> tuple[str, Outcome]:
-        time.sleep(max(0.0, start + schedule[index] - time.perf_counter()))
+    async def request(session: aiohttp.ClientSession, index: int) -> tuple[str, Outcome]:
+        await asyncio.sleep(max(0.0, start + schedule[index] - time.perf_counter()))
         prompt = prompts[index % len(prompts)]
         payload = {"model": model_name, "prompt": prompt, "max_tokens": cfg.max_tokens}
-        return prompt, attempt(base, payload, cfg.stream, cfg.request_timeout_s)
+        return prompt, await attempt(session, base, payload, cfg.stream, cfg.request_timeout_s)
 
-    start = time.perf_counter()
-    with ThreadPoolExecutor(cfg.open_loop_requests) as pool:
-        results = list(pool.map(request, range(cfg.open_loop_requests)))
-    return results, time.perf_counter() - start
+    async with client_session() as session:
+        start = time.perf_counter()
+        results = await asyncio.gather(*(request(session, i) for i in range(cfg.open_loop_requests)))
+        wall = time.perf_counter() - start
+    return results, wall
+
+
+async def warm_up(base: str, cfg: LoadConfig, model_name: str, prompt: str) -> None:
+    """One short request: first-call overheads are not the steady state. A refusal ends the run."""
+    async with client_session() as session:
+        payload = {"model": model_name, "prompt": prompt, "max_tokens": 8}
+        await complete(session, base, payload, cfg.stream, cfg.request_timeout_s)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -172,6 +196,9 @@ def summarize(results: list[tuple[str, Outcome]], wall: float) -> dict:
     outcomes = [o for _, o in results if o.error is None]
     latencies = [o.latency for o in outcomes]
     firsts = [o.first_token for o in outcomes if o.first_token is not None]
+    replica = [o.replica_first_token for o in outcomes if o.replica_first_token is not None]
+    # without the burst of the clients' simultaneous first requests (closed loop; open loop: all)
+    steady = [o.first_token for o in outcomes if o.first_token is not None and not o.client_first]
     return {
         "requests": len(results),
         "errors": len(results) - len(outcomes),
@@ -181,6 +208,9 @@ def summarize(results: list[tuple[str, Outcome]], wall: float) -> dict:
         "p99_s": percentile(latencies, 99),
         "ttft_p50_s": percentile(firsts, 50),
         "ttft_p99_s": percentile(firsts, 99),
+        "steady_ttft_p99_s": percentile(steady, 99),
+        "replica_ttft_p50_s": percentile(replica, 50),
+        "replica_ttft_p99_s": percentile(replica, 99),
         # each request's first token comes from prefill, as in JacobiOutput.tokens_per_forward
         "tpf": sum(o.tokens - 1 for o in outcomes) / max(1, sum(o.forward_passes for o in outcomes)),
     }
@@ -208,6 +238,7 @@ def start_servers(cfg: LoadConfig) -> dict[str, str]:
             "mode": mode,
             "engine": engine,
             "max_tokens_per_step": cfg.max_tokens_per_step,
+            "prefill_first": cfg.prefill_first,
             "model_name": cfg.model_name,
             "block_size": cfg.block_size,
             "init": cfg.init,
@@ -249,19 +280,14 @@ def main(argv: list[str] | None = None) -> None:
         urls, names = start_servers(cfg), cfg.model_name
     try:
         rows, texts = [], {}
-        for base in urls.values():  # warm-up: first-call overheads are not the steady state
-            complete(
-                base,
-                {"model": names, "prompt": prompts[0], "max_tokens": 8},
-                cfg.stream,
-                cfg.request_timeout_s,
-            )
+        for base in urls.values():
+            asyncio.run(warm_up(base, cfg, names, prompts[0]))
         loads = [(str(c), lambda base, c=c: run_load(base, cfg, names, prompts, c)) for c in cfg.concurrency]
         loads += [(f"{rate:g}/s", lambda base, rate=rate: run_open_loop(base, cfg, names, prompts, rate))
                   for rate in cfg.arrival_rates]
         for level, load in loads:
             for mode, base in urls.items():
-                results, wall = load(base)
+                results, wall = asyncio.run(load(base))
                 texts.setdefault(mode, {}).update((p, o.text) for p, o in results if o.error is None)
                 rows.append({"concurrency": level, "mode": mode, **summarize(results, wall)})
                 print(f"  done: load {level}, {mode}", file=sys.stderr, flush=True)
@@ -275,8 +301,8 @@ def main(argv: list[str] | None = None) -> None:
             answered = {p: t for variant in texts.values() for p, t in variant.items()}
             wrong = sum(any(v.get(p, t) != t for v in texts.values()) for p, t in greedy_texts(cfg, answered).items())
             print(f"answers equal to generate(do_sample=False) run here: {len(answered) - wrong}/{len(answered)}")
-    except urllib.error.HTTPError as err:
-        sys.exit(f"server refused a request: {err.code} {err.read().decode(errors='replace')}")
+    except (urllib.error.HTTPError, RuntimeError) as err:
+        sys.exit(f"server refused a request: {err}")
     finally:
         if cfg.url is None:
             stop_servers()
@@ -304,14 +330,24 @@ def greedy_texts(cfg: LoadConfig, answered: dict[str, str]) -> dict[str, str]:
 def print_table(rows: list[dict]) -> None:
     header = (
         f"{'load':>6} {'variant':>17} {'reqs':>5} {'errs':>4} {'req/s':>7} {'tok/s':>8} {'p50 s':>7} {'p99 s':>7} "
-        f"{'ttft50 s':>8} {'ttft99 s':>8} {'tok/fwd':>7}"
+        f"{'ttft50 s':>8} {'ttft99 s':>8} {'steady99':>8} {'replica50':>9} {'replica99':>9} {'tok/fwd':>7}"
     )
     print(header)
     for r in rows:
         print(
             f"{r['concurrency']:>6} {r['mode']:>17} {r['requests']:>5} {r['errors']:>4} {r['req_per_s']:>7.2f} "
             f"{r['tok_per_s']:>8.1f} {r['p50_s']:>7.3f} {r['p99_s']:>7.3f} {r['ttft_p50_s']:>8.3f} "
-            f"{r['ttft_p99_s']:>8.3f} {r['tpf']:>7.2f}"
+            f"{r['ttft_p99_s']:>8.3f} {r['steady_ttft_p99_s']:>8.3f} {r['replica_ttft_p50_s']:>9.3f} "
+            f"{r['replica_ttft_p99_s']:>9.3f} {r['tpf']:>7.2f}"
+        )
+    print(
+        "(ttft: first text at the client; steady99: the same without each client's first request, which all\n"
+        " clients send at once; replica: the replica's own first-token time, without proxy and network)"
+    )
+    for r in rows:
+        print(
+            f"load {r['concurrency']}, {r['mode']}: ttft p99 / latency p50 {r['ttft_p99_s'] / r['p50_s']:.2f}x "
+            f"(steady {r['steady_ttft_p99_s'] / r['p50_s']:.2f}x)"
         )
     by_level = {}
     for r in rows:

@@ -24,11 +24,13 @@ A window of one token is one AR step: `mode="ar"` is this engine with block size
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 import random
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -80,19 +82,20 @@ def layer_tensors(cache: DynamicCache) -> list:
     return [layer for layer in cache.layers if getattr(layer, "is_initialized", False) and layer.keys is not None]
 
 
-def pad_left(tensor: torch.Tensor, columns: int, dim: int) -> torch.Tensor:
-    """`columns` zero entries before the existing ones along `dim` (masked holes: their value never counts)."""
-    if columns == 0:
-        return tensor
-    shape = list(tensor.shape)
-    shape[dim] = columns
-    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
-
-
 def stack_right_aligned(upper: torch.Tensor, lower: torch.Tensor, dim: int) -> torch.Tensor:
-    """Rows of `upper` then rows of `lower` (batch is dim 0), the narrower one padded on the left along `dim`."""
+    """Rows of `upper` then rows of `lower` (batch is dim 0), the narrower one padded on the left along `dim`
+    with zero (masked) entries. One allocation and one copy of each input: the running cache is large."""
+    dim = dim % upper.dim()
     width = max(upper.shape[dim], lower.shape[dim])
-    return torch.cat([pad_left(upper, width - upper.shape[dim], dim), pad_left(lower, width - lower.shape[dim], dim)])
+    shape = list(upper.shape)
+    shape[0], shape[dim] = upper.shape[0] + lower.shape[0], width
+    out = upper.new_empty(shape)
+    for part, rows in ((upper, slice(0, upper.shape[0])), (lower, slice(upper.shape[0], None))):
+        target = out[rows]
+        hole = width - part.shape[dim]
+        target.narrow(dim, 0, hole).zero_()
+        target.narrow(dim, hole, part.shape[dim]).copy_(part)
+    return out
 
 
 def merge_caches(
@@ -149,6 +152,7 @@ class Engine:
         max_running: int = 8,
         max_tokens_per_step: int = 256,
         compact_every: int = 8,
+        prefill_first: bool = True,
     ):
         self.model = loaded.model
         self.layout = check_supported(self.model)
@@ -178,6 +182,8 @@ class Engine:
         self.cache_mask: torch.Tensor | None = None
         self.next_index = 0
         self.steps = 0
+        self.prefill_first = prefill_first
+        self.last_step_prefill_only = False
 
     # --- the outside: requests in, requests out -------------------------------------------------------------
 
@@ -228,7 +234,11 @@ class Engine:
             self.drop_cancelled()
             stats.admitted = self.admit_waiting()
             stats.finished = self.retire()  # cancelled rows, and rows whose first token already ended them
-            if self.running:
+            # prefill first: a step that admitted requests ends here, so those that arrived during that
+            # prefill are admitted next without waiting for a pass; never twice in a row, so passes go on
+            prefill_only = self.prefill_first and stats.admitted > 0 and not self.last_step_prefill_only
+            self.last_step_prefill_only = prefill_only
+            if self.running and not prefill_only:
                 self.iterate(stats)
         except Exception as err:
             logger.exception("decoding step failed; failing its %d requests", len(self.running))
@@ -402,3 +412,55 @@ class Engine:
             self.step()
             steps += 1
         return steps
+
+
+class EngineThread:
+    """Steps an `Engine` back to back in a thread of its own while it has requests, and sleeps otherwise.
+
+    A step driven from an event loop (`await asyncio.to_thread(engine.step)`) starts only once the loop
+    has run everything queued before it, and under load the loop is busy streaming every request's text:
+    the engine then idles between passes while newcomers wait for their prefill. Here the next step
+    starts the moment the last one ends; the caller's loop only adds requests and receives their output.
+    """
+
+    _names = itertools.count(1)
+
+    def __init__(self, engine: Engine, on_step: Callable[[StepStats], None] | None = None):
+        self.engine = engine
+        self.on_step = on_step  # called in this thread after every step; hand off to another thread if slow
+        self.wake = threading.Event()
+        self.stopping = False
+        self.thread = threading.Thread(target=self.run, name=f"cllm-engine-{next(self._names)}", daemon=True)
+        self.thread.start()
+
+    def add(self, job: DecodeJob) -> None:
+        """`Engine.add` (its refusals raise here, in the caller's thread), then wake the loop."""
+        self.engine.add(job)
+        self.wake.set()
+
+    def abort(self, job: DecodeJob) -> None:
+        self.engine.abort(job)
+        self.wake.set()
+
+    def run(self) -> None:
+        while not self.stopping:
+            if not self.engine.has_work():
+                self.wake.wait()
+                self.wake.clear()  # a request added from here on is seen by has_work() above
+                continue
+            try:
+                stats = self.engine.step()
+                if self.on_step is not None:
+                    self.on_step(stats)
+            except Exception:  # step() fails the requests concerned itself; this keeps serving the rest
+                logger.exception("engine step failed")
+
+    @property
+    def alive(self) -> bool:
+        return self.thread.is_alive()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """End the loop after the current step (requests still in the engine are left as they are)."""
+        self.stopping = True
+        self.wake.set()
+        self.thread.join(timeout)

@@ -262,6 +262,9 @@ class JacobiStats(BaseModel):
     tokens_per_forward: float
     batch_size: int  # requests decoded together in the same batched call
     decode_seconds: float
+    # from the replica accepting the request to its first token, measured in the replica: what a client
+    # waits beyond this is routing and transport
+    first_token_seconds: float | None = None
 
 
 FinishReason = Literal["stop", "length"]

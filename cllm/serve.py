@@ -4,8 +4,9 @@ The request path, step by step:
   parse      bytes -> validated OpenAI request (`cllm.openai_api`), refusing what greedy decoding can't honour
   admit      tokenize, check the prompt and max_tokens against the context (`cllm.serving.admit`)
   decode     engine "continuous" (default): the job joins the replica's `cllm.engine.Engine`, which a
-             background task steps (one Jacobi iteration of every running request per step, in a worker
-             thread); requests join and leave between steps, so none waits for another to finish
+             thread of its own steps back to back (`cllm.engine.EngineThread`: one Jacobi iteration of
+             every running request per step); requests join and leave between steps, so none waits for
+             another to finish, and the event loop only parses, admits and streams
              engine "static": `@serve.batch` gathers concurrent jobs into one list, decoded to the end by
              one `cllm.serving.BatchDecoder` call in a worker thread
              either way, committed text streams out as it becomes final
@@ -21,7 +22,7 @@ Only this module touches Ray Serve. Use `import_path: cllm.serve:build_app` in a
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Literal
 
@@ -35,7 +36,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cllm.config import ConfigError, StageConfig
 from cllm.decoding import DecodeFields, check_token_ids
-from cllm.engine import Engine, StepStats
+from cllm.engine import Engine, EngineThread, StepStats
 from cllm.models import BUILTIN_MODEL, format_prompt, is_missing_path, load_model
 from cllm.openai_api import (
     SSE_DONE,
@@ -79,6 +80,9 @@ class ServeOptions(BaseModel):
     engine: Literal["continuous", "static"] = "continuous"
     max_batch_size: int = Field(8, ge=1)  # continuous: the most requests running at once
     max_tokens_per_step: int = Field(256, ge=1)  # continuous: running requests x block size per pass, at most
+    # continuous: a step that admits requests runs no pass (their first tokens come sooner; the running
+    # rows wait one prefill, never two in a row)
+    prefill_first: bool = True
     batch_wait_timeout_s: float = Field(0.01, ge=0)
     max_ongoing_requests: int = Field(32, ge=1)
     # autoscaling and resources
@@ -192,7 +196,9 @@ class JacobiServer:
         loaded = load_model(self.config.model, device=self.config.device, dtype=self.config.dtype)
         self.tokenizer = loaded.tokenizer
         self.decoder = BatchDecoder(loaded, self.config, mode=self.config.mode, seed=self.config.seed)
+        self.metrics = ServeMetrics()
         self.engine: Engine | None = None
+        self.stepper: EngineThread | None = None  # steps the engine; started by the first request (on this loop)
         if self.config.engine == "continuous":
             self.engine = Engine(
                 loaded,
@@ -201,14 +207,12 @@ class JacobiServer:
                 seed=self.config.seed,
                 max_running=self.config.max_batch_size,
                 max_tokens_per_step=self.config.max_tokens_per_step,
+                prefill_first=self.config.prefill_first,
             )
-        self.wake = asyncio.Event()  # set when a request joins the engine
-        self.driver: asyncio.Task | None = None  # the task stepping the engine (started by the first request)
         self.context = self.decoder.context
         self.vocab_size = loaded.model.get_input_embeddings().num_embeddings
         self.decode_batch.set_max_batch_size(self.config.max_batch_size)
         self.decode_batch.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
-        self.metrics = ServeMetrics()
         self.created = now()
         logger.info(
             "JacobiServer ready: model %s (%s), mode %s, %s engine, block %d, context %s, batch <= %d",
@@ -225,8 +229,8 @@ class JacobiServer:
         """Serve's periodic probe; a replica whose process died is replaced without it."""
         if self.decoder.model is None or self.tokenizer is None:
             raise RuntimeError("model not loaded")
-        if self.driver is not None and self.driver.done() and not self.driver.cancelled():
-            raise RuntimeError(f"the engine loop stopped: {self.driver.exception()!r}")
+        if self.stepper is not None and not self.stepper.alive:
+            raise RuntimeError("the engine thread stopped")
 
     # --- routes -------------------------------------------------------------------------------------------
 
@@ -356,6 +360,16 @@ class JacobiServer:
 
     # --- the continuous engine ----------------------------------------------------------------------------
 
+    def step_recorder(self, engine: Engine, loop: asyncio.AbstractEventLoop) -> Callable[[StepStats], None]:
+        """`EngineThread.on_step`: the step's numbers go to the metrics on this replica's loop, off the engine."""
+        mode = self.config.mode
+
+        def on_step(stats: StepStats) -> None:
+            waiting, running = engine.num_waiting, engine.num_running
+            loop.call_soon_threadsafe(self.metrics.record_step, stats, waiting, running, mode)
+
+        return on_step
+
     def submit(self, job: DecodeJob) -> asyncio.Future:
         """Queue a job for the engine; the future resolves (on this loop) once the job has ended."""
         loop = asyncio.get_running_loop()
@@ -366,26 +380,21 @@ class JacobiServer:
                 ended.set_result(job)
 
         job.on_done = lambda: loop.call_soon_threadsafe(resolve)
-        self.engine.add(job)
-        if self.driver is None or self.driver.done():
-            self.driver = asyncio.ensure_future(self.drive())
-        self.wake.set()
+        if self.stepper is None:
+            self.stepper = EngineThread(self.engine, on_step=self.step_recorder(self.engine, loop))
+        self.stepper.add(job)
         return ended
 
-    async def drive(self) -> None:
-        """Step the engine while it has requests, each step in a worker thread so the event loop stays free
-        to accept, stream and cancel; sleep until a request arrives otherwise."""
-        engine, mode = self.engine, self.config.mode
-        while True:
-            if not engine.has_work():
-                self.wake.clear()
-                await self.wake.wait()
-                continue
-            try:
-                stats = await asyncio.to_thread(engine.step)
-                self.metrics.record_step(stats, engine.num_waiting, engine.num_running, mode)
-            except Exception:  # the engine fails the requests concerned itself; keep serving the rest
-                logger.exception("engine step failed")
+    def cancel(self, job: DecodeJob) -> None:
+        """Stop a job (a no-op once it ended): the engine drops its row at its next step."""
+        if self.stepper is not None:
+            self.stepper.abort(job)
+        else:
+            job.cancelled = True
+
+    def __del__(self):
+        if getattr(self, "stepper", None) is not None:
+            self.stepper.stop(timeout=5)
 
     async def run_job(self, job: DecodeJob) -> DecodeJob:
         """Decode one job to its end by the configured engine."""
@@ -397,7 +406,7 @@ class JacobiServer:
         try:
             await self.run_job(job)
         except asyncio.CancelledError:
-            job.cancelled = True  # the client disconnected: free its row for the others (engine: next step)
+            self.cancel(job)  # the client disconnected: free its row for the others (engine: next step)
             raise
         self.record(job)
         if job.error is not None:
@@ -414,30 +423,40 @@ class JacobiServer:
         decoding.add_done_callback(lambda _: queue.put_nowait(None))
         decoding.add_done_callback(lambda future: self.note_stream_end(future, jobs))
 
+        async def deltas() -> AsyncIterator[str]:
+            """The text events, those that queued up meanwhile sent in one write: under load every write is
+            a message from replica to proxy, and the proxy shares the machine with the decoder."""
+            while (item := await queue.get()) is not None:
+                ready = [item]
+                while not queue.empty() and (item := queue.get_nowait()) is not None:
+                    ready.append(item)
+                yield "".join(reply.delta(text, index) for index, text in ready)
+                if item is None:  # the end came in with the last of the text
+                    return
+
         async def events() -> AsyncIterator[str]:
             try:
-                for index in range(len(jobs)):
-                    if opening := reply.opening(index):
-                        yield opening
-                while (item := await queue.get()) is not None:
-                    yield reply.delta(item[1], item[0])
+                if opening := "".join(reply.opening(index) for index in range(len(jobs))):
+                    yield opening
+                async for text in deltas():
+                    yield text
+                ending = []
                 try:
                     decoding.result()
                     for job in jobs:
                         self.record(job)
                         if job.error is not None:
                             raise RuntimeError(job.error)
-                    for index, job in enumerate(jobs):
-                        yield reply.closing(job, self.stats([job]), index)
+                    ending += [reply.closing(job, self.stats([job]), index) for index, job in enumerate(jobs)]
                     if include_usage:
-                        yield reply.usage_only(jobs)
+                        ending.append(reply.usage_only(jobs))
                 except Exception as err:
                     logger.exception("streamed request failed")
-                    yield sse_event(error_body(f"decoding failed: {err}", type="server_error"))
-                yield SSE_DONE
+                    ending.append(sse_event(error_body(f"decoding failed: {err}", type="server_error")))
+                yield "".join(ending) + SSE_DONE
             finally:
                 for job in jobs:
-                    job.cancelled = True  # no-op after the end; stops the rows if the client left early
+                    self.cancel(job)  # no-op after the end; stops the rows if the client left early
 
         return StreamingResponse(
             events(),
@@ -459,6 +478,7 @@ class JacobiServer:
         """How a request's choices were decoded, together (one choice: exactly its own numbers)."""
         passes = sum(job.forward_passes for job in jobs)
         decoded = sum(len(job.tokens) - 1 for job in jobs if job.forward_passes)
+        waits = [job.time_to_first_token for job in jobs if job.time_to_first_token is not None]
         return JacobiStats(
             mode=self.config.mode,
             block_size=1 if self.config.mode == "ar" else self.config.block_size,
@@ -466,6 +486,7 @@ class JacobiServer:
             tokens_per_forward=round(decoded / passes if passes else 0.0, 4),
             batch_size=max(job.batch_size for job in jobs),  # continuous: the most requests sharing a pass
             decode_seconds=round(max(job.decode_seconds for job in jobs), 4),
+            first_token_seconds=round(min(waits), 4) if waits else None,  # the answer's first text
         )
 
     def record(self, job: DecodeJob) -> None:

@@ -3,12 +3,15 @@ whatever shares its steps and whenever it arrived."""
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 import torch
 from conftest import BYTE_VOCAB, byte_level_tokenizer, char_tokenizer, tiny_model
 
 from cllm.decoding import DecodeFields
-from cllm.engine import Engine, window_for
+from cllm.engine import Engine, EngineThread, window_for
 from cllm.models import LoadedModel
 from cllm.serving import DecodeJob
 from cllm.streaming import TextStream
@@ -191,12 +194,35 @@ def test_a_failing_client_fails_its_request_alone(char_loaded):
         assert jobs[i].error is None and jobs[i].tokens == greedy(char_loaded, jobs[i].prompt_ids, 30)
 
 
+def test_prefill_first_but_never_two_prefill_only_steps_in_a_row(char_loaded):
+    """A step that admits ends after the prefill (newcomers arriving meanwhile wait for no pass), but the
+    step after it always runs the pass: a steady stream of arrivals cannot starve the running rows."""
+    eng = engine(char_loaded, block_size=4)
+    jobs = [job(char_loaded, p, 20) for p in PROMPTS]
+    eng.add(jobs[0])
+    first = eng.step()
+    assert first.admitted == 1 and first.running == 0 and len(jobs[0].tokens) == 1  # its first token is out
+    shapes = []
+    for j in jobs[1:]:  # one arrival before every step
+        eng.add(j)
+        stats = eng.step()
+        shapes.append((stats.admitted, stats.running > 0))
+    assert shapes == [(1, True), (1, False), (1, True), (1, False), (1, True), (1, False)]
+    eng.run_until_idle()
+    for j in jobs:
+        assert j.tokens == greedy(char_loaded, j.prompt_ids, 20)
+    plain = engine(char_loaded, block_size=4, prefill_first=False)
+    plain.add(job(char_loaded, PROMPTS[0], 20))
+    assert plain.step().running == 1  # the old order: admit and pass in one step
+
+
 def test_token_budget_shrinks_blocks_down_to_ar(char_loaded):
     assert window_for(8, 1, 64) == 8 and window_for(8, 4, 8) == 2 and window_for(8, 20, 8) == 1
     eng = engine(char_loaded, block_size=8, max_tokens_per_step=8)
     budgets = [60, 12, 12, 12, 12]
     jobs = [job(char_loaded, p, n) for p, n in zip(PROMPTS, budgets, strict=False)]
     eng.add(jobs[0])
+    assert eng.step().running == 0  # prefill first: the admitting step runs no pass
     windows = [eng.step().window]  # alone: a full block of 8
     for j in jobs[1:]:
         eng.add(j)
@@ -264,7 +290,8 @@ def test_a_failing_pass_fails_its_requests_and_the_engine_goes_on(char_loaded, m
         raise RuntimeError("device lost")
 
     monkeypatch.setattr(cllm.engine, "jacobi_forward", broken_forward)
-    eng.step()
+    eng.step()  # the prefill
+    eng.step()  # the first pass
     assert all("device lost" in j.error for j in jobs) and ended == jobs
     assert not eng.has_work() and eng.cache is None
     monkeypatch.undo()
@@ -322,3 +349,49 @@ def test_a_request_that_cannot_fit_is_refused_before_it_joins(char_loaded):
     with pytest.raises(ValueError, match="max_tokens"):
         eng.add(DecodeJob(prompt_ids=[], max_tokens=5, text=TextStream(char_loaded.tokenizer)))
     assert not eng.has_work()
+
+
+def test_engine_thread_steps_requests_added_from_other_threads(char_loaded):
+    """The replica's driver: requests arrive from other threads at any moment, each still equals generate;
+    the thread sleeps while there is no work and outlives a failing step callback."""
+    eng = engine(char_loaded, block_size=4)
+    steps_seen, failures = [], 0
+
+    def on_step(stats):
+        nonlocal failures
+        steps_seen.append(stats)
+        if len(steps_seen) == 2:
+            failures += 1
+            raise RuntimeError("metrics backend down")
+
+    stepper = EngineThread(eng, on_step=on_step)
+    done = {i: threading.Event() for i in range(len(PROMPTS))}
+    jobs = {i: job(char_loaded, p, 24) for i, p in enumerate(PROMPTS)}
+    for i, j in jobs.items():
+        j.on_done = done[i].set
+
+    def arrive(indices, delay):
+        time.sleep(delay)
+        for i in indices:
+            stepper.add(jobs[i])
+
+    arrivals = [threading.Thread(target=arrive, args=(list(range(k, len(PROMPTS), 3)), 0.02 * k)) for k in range(3)]
+    for t in arrivals:
+        t.start()
+    for t in arrivals:
+        t.join()
+    assert all(done[i].wait(60) for i in jobs)
+    assert failures == 1 and stepper.alive
+    for j in jobs.values():
+        assert j.error is None and j.tokens == greedy(char_loaded, j.prompt_ids, 24)
+    assert sum(s.admitted for s in steps_seen) == len(PROMPTS)
+    idle_steps = eng.steps
+    time.sleep(0.2)
+    assert eng.steps == idle_steps  # no work: no steps
+    late = job(char_loaded, "late", 8)
+    late_done = threading.Event()
+    late.on_done = late_done.set
+    stepper.add(late)
+    assert late_done.wait(60) and late.tokens == greedy(char_loaded, late.prompt_ids, 8)
+    stepper.stop(timeout=10)
+    assert not stepper.alive

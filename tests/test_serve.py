@@ -289,7 +289,9 @@ def test_health_and_models(server):
 
 
 def test_completion_matches_greedy_generate(server, loaded):
+    sent = time.perf_counter()
     response = post(server, "/v1/completions", {"model": MODEL_NAME, "prompt": "héllo wörld", "max_tokens": 40})
+    waited = time.perf_counter() - sent
     assert response.status_code == 200
     answer = response.json()
     assert answer["object"] == "text_completion"
@@ -301,6 +303,7 @@ def test_completion_matches_greedy_generate(server, loaded):
     assert stats["mode"] == "jacobi" and stats["block_size"] == 4
     assert 0 < stats["forward_passes"] < usage["completion_tokens"]
     assert stats["tokens_per_forward"] >= 1.0
+    assert 0 < stats["first_token_seconds"] < waited  # measured in the replica, inside the client's wait
 
 
 def test_default_max_tokens_fills_the_context(server, loaded):
@@ -330,6 +333,30 @@ def test_streamed_completion_matches_greedy_generate(server, loaded):
     closing = [c for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
     assert len(closing) == 1 and closing[0]["jacobi_stats"]["forward_passes"] > 0
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] > 0
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_load_benchmark_reads_every_answer_exactly(server, loaded, stream):
+    """benchmarks/serve_load.py's client: what it reads back is the whole answer, and its timings are sane."""
+    import asyncio
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("serve_load", Path(__file__).parents[1] / "benchmarks/serve_load.py")
+    serve_load = sys.modules.setdefault("serve_load", importlib.util.module_from_spec(spec))
+    spec.loader.exec_module(serve_load)
+    cfg = serve_load.LoadConfig(requests_per_client=2, max_tokens=12, stream=stream)
+    results, wall = asyncio.run(serve_load.run_load(server, cfg, MODEL_NAME, PROMPTS, 4))
+    assert len(results) == 8 and [o.error for _, o in results] == [None] * 8
+    for prompt, outcome in results:
+        assert outcome.text == greedy_text(loaded, prompt, 12)
+        assert 0 < outcome.replica_first_token < outcome.latency <= wall
+        if stream:
+            assert outcome.replica_first_token < outcome.first_token <= outcome.latency
+    assert sum(o.client_first for _, o in results) == 4
+    summary = serve_load.summarize(results, wall)
+    assert summary["errors"] == 0 and summary["tok_per_s"] > 0
+    if stream:
+        assert summary["steady_ttft_p99_s"] <= summary["ttft_p99_s"]
 
 
 def test_chat_completion_matches_greedy_generate(server, loaded):
