@@ -45,10 +45,9 @@ from cllm.jacobi import (
     begin_row,
     jacobi_forward,
     prefill,
-    retire_rows,
     roll_back_cache,
 )
-from cllm.kv_cache import check_supported
+from cllm.kv_cache import ReservedLayer, check_supported
 from cllm.models import LoadedModel, context_length
 from cllm.serving import DecodeJob, Mode, deliver, finish_job
 
@@ -77,14 +76,18 @@ class Running:
     admitted_at: float
 
 
+def holds(layer) -> bool:
+    """Whether a cache layer holds tensors (layers without a cache of their own hold none)."""
+    return getattr(layer, "is_initialized", False) and layer.keys is not None
+
+
 def layer_tensors(cache: DynamicCache) -> list:
-    """The cache layers that hold tensors (layers without a cache of their own hold none)."""
-    return [layer for layer in cache.layers if getattr(layer, "is_initialized", False) and layer.keys is not None]
+    return [layer for layer in cache.layers if holds(layer)]
 
 
 def stack_right_aligned(upper: torch.Tensor, lower: torch.Tensor, dim: int) -> torch.Tensor:
     """Rows of `upper` then rows of `lower` (batch is dim 0), the narrower one padded on the left along `dim`
-    with zero (masked) entries. One allocation and one copy of each input: the running cache is large."""
+    with zero (masked) entries."""
     dim = dim % upper.dim()
     width = max(upper.shape[dim], lower.shape[dim])
     shape = list(upper.shape)
@@ -98,31 +101,60 @@ def stack_right_aligned(upper: torch.Tensor, lower: torch.Tensor, dim: int) -> t
     return out
 
 
+def reserve(cache: DynamicCache, rows: int) -> DynamicCache:
+    """The running cache: every layer that holds tensors gets spare rows (up to `rows`) and spare columns."""
+    cache.layers = [
+        ReservedLayer(layer.keys, layer.values, spare_rows=max(0, rows - layer.keys.shape[0])) if holds(layer)
+        else layer for layer in cache.layers
+    ]
+    return cache
+
+
 def merge_caches(
     running: DynamicCache, running_mask: torch.Tensor, joining: DynamicCache, joining_mask: torch.Tensor
 ) -> torch.Tensor:
     """Append the joining rows to the running cache (in place), right-aligned; return the merged mask."""
     for old, new in zip(running.layers, joining.layers, strict=True):
-        if not getattr(new, "is_initialized", False) or new.keys is None:
-            continue  # a layer that keeps no cache of its own
-        old.keys = stack_right_aligned(old.keys, new.keys, -2)
-        old.values = stack_right_aligned(old.values, new.values, -2)
+        if holds(new):  # else a layer that keeps no cache of its own
+            old.append_rows(new.keys, new.values)
     return stack_right_aligned(running_mask, joining_mask, 1)
 
 
-def compact(cache: DynamicCache, cache_mask: torch.Tensor) -> torch.Tensor:
+def drop_rows(cache: DynamicCache, cache_mask: torch.Tensor, done: list[bool]) -> tuple[list[int], torch.Tensor]:
+    """Remove the done rows; each hole they leave among the first rows takes one of the last live rows, so
+    only moved rows are copied. Returns, for each new row, the old row it holds, and the new mask."""
+    live = done.count(False)
+    holes = [i for i in range(live) if done[i]]
+    movers = [i for i in range(live, len(done)) if not done[i]]
+    order = list(range(live))
+    for source, target in zip(movers, holes, strict=True):
+        order[target] = source
+    for layer in layer_tensors(cache):
+        layer.move_rows(movers, holes, live)
+    return order, cache_mask[order]
+
+
+def compact(cache: DynamicCache, cache_mask: torch.Tensor, max_holes: float = 0.25) -> torch.Tensor:
     """Drop the columns no live row attends to: holes every row has, and columns of rows that left.
 
-    Positions are per row and a dropped column is masked for every row, so no attention changes.
+    Leading ones go by moving the cache's view (no copy); once more than `max_holes` of the remaining
+    columns are unused, the cache is copied without them. Positions are per row and a dropped column is
+    masked for every row, so no attention changes.
     """
     used = cache_mask.any(0)
     if bool(used.all()):
         return cache_mask
-    index = used.nonzero().squeeze(1)
-    for layer in layer_tensors(cache):
-        layer.keys = layer.keys.index_select(-2, index)
-        layer.values = layer.values.index_select(-2, index)
-    return cache_mask[:, index]
+    leading = int(used.int().argmax()) if bool(used.any()) else len(used)
+    if leading:
+        for layer in layer_tensors(cache):
+            layer.drop_left(leading)
+        cache_mask, used = cache_mask[:, leading:], used[leading:]
+    if (~used).sum() > max_holes * len(used):
+        index = used.nonzero().squeeze(1)
+        for layer in layer_tensors(cache):
+            layer.keep_columns(index)
+        cache_mask = cache_mask[:, index]
+    return cache_mask
 
 
 def window_for(block_size: int, rows: int, max_tokens_per_step: int) -> int:
@@ -151,7 +183,6 @@ class Engine:
         seed: int = 0,
         max_running: int = 8,
         max_tokens_per_step: int = 256,
-        compact_every: int = 8,
         prefill_first: bool = True,
     ):
         self.model = loaded.model
@@ -163,7 +194,7 @@ class Engine:
         self.vocab_size = self.model.get_input_embeddings().num_embeddings
         self.block_size = 1 if mode == "ar" else decode.block_size
         self.init = decode.init
-        self.max_running, self.max_tokens_per_step, self.compact_every = max_running, max_tokens_per_step, compact_every
+        self.max_running, self.max_tokens_per_step = max_running, max_tokens_per_step
         self.dec = Decoding(
             block_size=self.block_size,
             max_iters=decode.max_iters or self.block_size,
@@ -245,7 +276,7 @@ class Engine:
             self.fail_running(f"{type(err).__name__}: {err}")
         stats.finished += self.retire()
         self.steps += 1
-        if self.cache is not None and self.steps % self.compact_every == 0:
+        if self.cache is not None:
             self.cache_mask = compact(self.cache, self.cache_mask)
         stats.seconds = time.perf_counter() - start
         return stats
@@ -314,7 +345,7 @@ class Engine:
         """
         self.running.extend(entries)
         if self.cache is None:
-            self.cache, self.cache_mask = cache, prompt_mask
+            self.cache, self.cache_mask = reserve(cache, self.max_running), prompt_mask
         else:
             self.cache_mask = merge_caches(self.cache, self.cache_mask, cache, prompt_mask)
 
@@ -348,15 +379,14 @@ class Engine:
         """Finished rows leave the cache now; their requests end (text flushed, reason named, caller told)."""
         if not self.running:
             return 0
-        rows = [entry.row for entry in self.running]
-        if self.cache is None:
-            live = [entry for entry in self.running if not entry.row.done]
-        else:
-            live_rows, self.cache_mask = retire_rows(rows, self.cache, self.cache_mask)
-            live_ids = {row.index for row in live_rows}
-            live = [entry for entry in self.running if entry.row.index in live_ids]
         ended = [entry for entry in self.running if entry.row.done]
-        self.running = live
+        if not ended:
+            return 0
+        if self.cache is None:
+            self.running = [entry for entry in self.running if not entry.row.done]
+        else:
+            order, self.cache_mask = drop_rows(self.cache, self.cache_mask, [e.row.done for e in self.running])
+            self.running = [self.running[i] for i in order]
         for entry in ended:
             del self.by_index[entry.row.index]
             entry.job.forward_passes = entry.row.forwards
@@ -373,7 +403,8 @@ class Engine:
         every row passes alone (the pass fails only together): the step then fails every request in it."""
         width = self.cache_mask.shape[1]
         for layer in layer_tensors(self.cache):  # the layers the pass reached hold its window: drop it
-            layer.keys, layer.values = layer.keys[:, :, :width], layer.values[:, :, :width]
+            if layer.keys.shape[-2] > width:
+                layer.crop(width - layer.keys.shape[-2])
         culprits = {}
         for i, entry in enumerate(self.running):
             alone = copy.deepcopy(self.cache)

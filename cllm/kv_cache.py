@@ -178,3 +178,122 @@ def forward_mask(
         return sliding
     full = as_attention_mask(visible_keys(key_mask, query_positions, None), layout)
     return {"full_attention": full, "sliding_attention": sliding}
+
+
+class ReservedLayer(DynamicLayer):
+    """A cache layer for the serving engine: `keys`/`values` are views `[:rows, :, start:end]` of buffers
+    with spare rows and columns, so the engine's frequent changes copy only what changes.
+
+    `DynamicLayer` concatenates on every pass (a copy of the whole cache per layer per pass) and a row
+    leaving or joining copies every row. Here a pass writes its window into spare columns, a joining row
+    is written into a spare row, a leaving row is overwritten by the last row, and columns that no row
+    uses any more on the left are dropped by moving `start`. Only when the spare columns run out is the
+    cache copied, into buffers twice as large.
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, spare_rows: int = 0):
+        super().__init__()
+        self.device, self.is_initialized = keys.device, True
+        self.rows, self.start = 0, 0
+        self.key_buffer = self.value_buffer = None
+        self.relocate(keys, values, keys.shape[0] + spare_rows, 2 * keys.shape[-2])
+
+    def relocate(self, keys: torch.Tensor, values: torch.Tensor, row_capacity: int, column_capacity: int) -> None:
+        """Copy `keys`/`values` into new zeroed buffers (zeros: a masked hole must hold a finite value)."""
+        shape = (row_capacity, keys.shape[1], column_capacity, keys.shape[-1])
+        self.key_buffer = keys.new_zeros(shape)
+        self.value_buffer = values.new_zeros(shape[:3] + (values.shape[-1],))
+        rows, width = keys.shape[0], keys.shape[-2]
+        self.key_buffer[:rows, :, :width] = keys
+        self.value_buffer[:rows, :, :width] = values
+        self.rows, self.start = rows, 0
+        self.set_view(width)
+
+    def set_view(self, end: int) -> None:
+        self.keys = self.key_buffer[: self.rows, :, self.start : end]
+        self.values = self.value_buffer[: self.rows, :, self.start : end]
+        self.end = end
+
+    def adopt(self) -> None:
+        """Re-link `keys`/`values` to buffers if something assigned them directly (deepcopy, slicing)."""
+        if not self.adopted():
+            self.relocate(self.keys, self.values, self.keys.shape[0], 2 * self.keys.shape[-2])
+
+    def adopted(self) -> bool:
+        """Whether `keys` is still this layer's view (code that assigns `keys` itself breaks the link)."""
+        return self.keys.data_ptr() == self.key_buffer[:, :, self.start :].data_ptr() and (
+            self.keys.shape[0], self.keys.shape[-2]) == (self.rows, self.end - self.start)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        self.adopt()
+        new = key_states.shape[-2]
+        if self.end + new > self.key_buffer.shape[2]:
+            width = self.end - self.start
+            self.relocate(self.keys, self.values, self.key_buffer.shape[0], 2 * (width + new))
+        self.key_buffer[: self.rows, :, self.end : self.end + new] = key_states
+        self.value_buffer[: self.rows, :, self.end : self.end + new] = value_states
+        self.set_view(self.end + new)
+        return self.keys, self.values
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise ValueError("crop takes the number of tokens to remove, as a negative number")
+        self.adopt()
+        self.set_view(self.end + tokens_to_remove)
+
+    def append_rows(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Rows below the current ones, their columns aligned to the right end; the narrower side gets
+        masked holes on the left (the new rows' holes are zeroed; the cache's are made by moving `start`)."""
+        self.adopt()
+        joining, width = keys.shape[-2], self.end - self.start
+        if joining > self.start + width or self.rows + keys.shape[0] > self.key_buffer.shape[0]:
+            # too wide for the room on the left, or no spare rows: copy into larger buffers, room on the left
+            room = max(0, joining - width)
+            old_keys, old_values = self.keys, self.values
+            shape = (max(2 * self.key_buffer.shape[0], self.rows + keys.shape[0]), self.key_buffer.shape[1],
+                     room + 2 * (width + joining), self.key_buffer.shape[-1])
+            self.key_buffer, self.value_buffer = old_keys.new_zeros(shape), old_values.new_zeros(shape)
+            self.key_buffer[: self.rows, :, room : room + width] = old_keys
+            self.value_buffer[: self.rows, :, room : room + width] = old_values
+            self.start, self.end = room, room + width
+        if joining > self.end - self.start:  # wider than the cache: its rows get holes on the left
+            self.start = self.end - joining
+            self.key_buffer[: self.rows, :, self.start : self.end - width] = 0
+            self.value_buffer[: self.rows, :, self.start : self.end - width] = 0
+        rows = slice(self.rows, self.rows + keys.shape[0])
+        self.key_buffer[rows, :, self.start : self.end - joining] = 0
+        self.value_buffer[rows, :, self.start : self.end - joining] = 0
+        self.key_buffer[rows, :, self.end - joining : self.end] = keys
+        self.value_buffer[rows, :, self.end - joining : self.end] = values
+        self.rows += keys.shape[0]
+        self.set_view(self.end)
+
+    def move_rows(self, sources: list[int], targets: list[int], rows: int) -> None:
+        """Copy row sources[i] over row targets[i], then keep the first `rows` rows."""
+        self.adopt()
+        for source, target in zip(sources, targets, strict=True):
+            self.key_buffer[target, :, self.start : self.end] = self.key_buffer[source, :, self.start : self.end]
+            self.value_buffer[target, :, self.start : self.end] = self.value_buffer[source, :, self.start : self.end]
+        self.rows = rows
+        self.set_view(self.end)
+
+    def drop_left(self, columns: int) -> None:
+        """Forget the first `columns` columns (no row attends to them any more): no copy."""
+        self.adopt()
+        self.start += columns
+        self.set_view(self.end)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep rows `indices`, in that order (a general reordering: copies the rows kept)."""
+        self.adopt()
+        keys, values = self.keys[indices], self.values[indices]
+        self.key_buffer[: len(indices), :, self.start : self.end] = keys
+        self.value_buffer[: len(indices), :, self.start : self.end] = values
+        self.rows = len(indices)
+        self.set_view(self.end)
+
+    def keep_columns(self, index: torch.Tensor) -> None:
+        """Keep only columns `index` (holes scattered in the middle): copies the cache into new buffers."""
+        self.adopt()
+        keys, values = self.keys.index_select(-2, index), self.values.index_select(-2, index)
+        self.relocate(keys, values, self.key_buffer.shape[0], 2 * len(index))

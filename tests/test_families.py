@@ -12,8 +12,13 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM
 
+from cllm.decoding import DecodeFields
+from cllm.engine import Engine
 from cllm.jacobi import ar_generate, jacobi_generate
 from cllm.kv_cache import check_supported, visible_keys
+from cllm.models import LoadedModel
+from cllm.serving import DecodeJob
+from cllm.streaming import TextStream
 
 VOCAB = 160
 WINDOW = 8
@@ -55,12 +60,12 @@ FAMILIES = {
 }
 
 
-def tiny_family_model(config_class: str, arguments: dict, seed: int = 0):
+def tiny_family_model(config_class: str, arguments: dict, seed: int = 0, vocab_size: int = VOCAB):
     """A tiny fp32 model of the family; a wide init spreads the logits, so argmax has no near-ties."""
     config_type = getattr(transformers, config_class, None)
     if config_type is None:
         pytest.skip(f"{config_class} is not in the installed transformers {transformers.__version__}")
-    config = config_type(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0, initializer_range=0.3,
+    config = config_type(vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=0, initializer_range=0.3,
                          **arguments)
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config).float().eval()
@@ -110,6 +115,37 @@ def test_family_decodes_exactly(family):
         out = generate(model, input_ids, mask, max_new_tokens=MAX_NEW, eos_token_id=eos, pad_token_id=0, **kwargs)
         assert torch.equal(out.sequences, expected), (family, generate.__name__)
         assert out.new_tokens[row] < MAX_NEW  # the row stopped at its EOS
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_family_decodes_exactly_in_the_serving_engine(family):
+    """The continuous engine's cache (spare rows and columns, rows joining right-aligned, leaving rows
+    overwritten by the last one, columns dropped on the left) gives every family the tokens of `generate`
+    for each prompt alone, sliding windows included, with requests arriving while others run."""
+    from conftest import CHAR_VOCAB, char_tokenizer
+
+    model = tiny_family_model(*FAMILIES[family], vocab_size=CHAR_VOCAB)
+    tokenizer = char_tokenizer()
+    engine = Engine(LoadedModel(model, tokenizer, family), DecodeFields(block_size=BLOCK), max_running=4)
+    # a short prompt alone first, so a longer one joins a narrower cache (holes open on the old rows' left)
+    prompts = ["a", "Hello there, how are you on this fine day, my friend", "x = 1 + 2", "Once upon a time", "zz top"]
+    budgets = [20, MAX_NEW, MAX_NEW, 9, 30]
+    jobs = [DecodeJob(prompt_ids=tokenizer(p)["input_ids"], max_tokens=n, text=TextStream(tokenizer))
+            for p, n in zip(prompts, budgets, strict=True)]
+    for arriving in (jobs[:1], jobs[1:3], jobs[3:]):
+        for job in arriving:
+            engine.add(job)
+        for _ in range(3):
+            engine.step()
+    engine.run_until_idle()
+    for job in jobs:
+        ids = torch.tensor([job.prompt_ids])
+        expected = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                  max_new_tokens=job.max_tokens, eos_token_id=2, pad_token_id=0)[0, ids.shape[1]:]
+        expected = expected.tolist()
+        if 2 in expected:
+            expected = expected[: expected.index(2) + 1]
+        assert job.error is None and job.tokens == expected, (family, job.prompt_ids)
 
 
 def test_sliding_window_counts_positions_not_cache_slots():
