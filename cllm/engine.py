@@ -4,16 +4,18 @@
 for the slowest row. The `Engine` here is step-wise instead; one `step()`:
 
   admit     prefill waiting requests in a cache of their own (their first token comes from it), then merge
-            their cache rows into the running cache
+            their cache rows into the running cache; with `prefill_first`, a step that admitted ends here
   budget    shrink every row's Jacobi window so running rows x window stays within `max_tokens_per_step`
   iterate   one `jacobi_forward` over every running row's window, in one batched pass
   commit    `advance_row` per row: its agreeing run becomes final and streams out (`cllm.serving.deliver`)
-  retire    finished, stopped or cancelled rows leave the cache (`batch_select_indices`)
+  retire    finished, stopped or cancelled rows leave the cache (the last rows move into their places)
   compact   cache columns no live row attends to any more are dropped, so memory follows live requests
 
 Cache layout: one rectangle [rows, columns] plus a boolean mask of the same shape. A joining group's
 columns are aligned to the right end of the running rectangle, the narrower side padded on the left with
-masked entries, exactly like a left-padded prompt. Every row's position ids are its own (`Row.position`)
+masked entries, exactly like a left-padded prompt. The rectangle is a view into buffers with spare rows
+and columns (`cllm.kv_cache.ReservedLayer`), so a step copies only what changes: the window, the joining
+rows, the rows moved into a leaver's place. Every row's position ids are its own (`Row.position`)
 and masked entries are never seen, so a row's tokens do not depend on who shares its steps or when it
 arrived: each request decodes to greedy `generate(do_sample=False)` of its prompt alone, or, with sampling
 settings (`DecodeJob.sampling`), to `ar_generate` of its prompt alone with the same settings.
