@@ -62,6 +62,7 @@ class LoadConfig(StageConfig):
     block_size: int = Field(16, ge=1)
     init: Literal["prompt", "repeat", "pad", "ngram"] = "prompt"
     max_batch_size: int = Field(16, ge=1)
+    max_ongoing_requests: int = Field(128, ge=1)  # per replica (requests past max_batch_size queue in it)
     num_cpus: float = Field(1.0, ge=0)  # per replica
     seed: int = 0
     request_timeout_s: float = Field(300.0, gt=0)
@@ -243,7 +244,7 @@ def start_servers(cfg: LoadConfig) -> dict[str, str]:
             "block_size": cfg.block_size,
             "init": cfg.init,
             "max_batch_size": cfg.max_batch_size,
-            "max_ongoing_requests": max(32, cfg.max_batch_size),
+            "max_ongoing_requests": max(cfg.max_ongoing_requests, cfg.max_batch_size),
             "num_cpus": cfg.num_cpus,
             "seed": cfg.seed,
         }
