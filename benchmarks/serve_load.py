@@ -48,7 +48,7 @@ class LoadConfig(StageConfig):
     model: str | None = None  # default: the server's default (last default pipeline run, else built-in)
     model_name: str = "cllm-bench"
     url: str | None = None  # drive this running server instead of starting one (its own mode only)
-    modes: list[Literal["jacobi", "ar"]] = ["jacobi", "ar"]
+    modes: list[Literal["jacobi", "multiblock", "ar"]] = ["jacobi", "ar"]
     engines: list[Literal["continuous", "static"]] = ["continuous", "static"]
     max_tokens_per_step: int = Field(256, ge=1)  # continuous engine's per-pass token budget
     prefill_first: bool = True  # continuous engine: a step that admits requests runs no pass
@@ -330,13 +330,13 @@ def greedy_texts(cfg: LoadConfig, answered: dict[str, str]) -> dict[str, str]:
 
 def print_table(rows: list[dict]) -> None:
     header = (
-        f"{'load':>6} {'variant':>17} {'reqs':>5} {'errs':>4} {'req/s':>7} {'tok/s':>8} {'p50 s':>7} {'p99 s':>7} "
+        f"{'load':>6} {'variant':>21} {'reqs':>5} {'errs':>4} {'req/s':>7} {'tok/s':>8} {'p50 s':>7} {'p99 s':>7} "
         f"{'ttft50 s':>8} {'ttft99 s':>8} {'steady99':>8} {'replica50':>9} {'replica99':>9} {'tok/fwd':>7}"
     )
     print(header)
     for r in rows:
         print(
-            f"{r['concurrency']:>6} {r['mode']:>17} {r['requests']:>5} {r['errors']:>4} {r['req_per_s']:>7.2f} "
+            f"{r['concurrency']:>6} {r['mode']:>21} {r['requests']:>5} {r['errors']:>4} {r['req_per_s']:>7.2f} "
             f"{r['tok_per_s']:>8.1f} {r['p50_s']:>7.3f} {r['p99_s']:>7.3f} {r['ttft_p50_s']:>8.3f} "
             f"{r['ttft_p99_s']:>8.3f} {r['steady_ttft_p99_s']:>8.3f} {r['replica_ttft_p50_s']:>9.3f} "
             f"{r['replica_ttft_p99_s']:>9.3f} {r['tpf']:>7.2f}"
@@ -355,11 +355,12 @@ def print_table(rows: list[dict]) -> None:
         by_level.setdefault(r["concurrency"], {})[r["mode"]] = r
     for level, variants in by_level.items():
         for engine in ("continuous", "static"):
-            jacobi, ar = variants.get(f"jacobi-{engine}"), variants.get(f"ar-{engine}")
-            if jacobi and ar:
-                speedup = jacobi["tok_per_s"] / ar["tok_per_s"]
-                print(f"concurrency {level}, {engine}: jacobi/ar throughput {speedup:.2f}x")
-        for mode in ("jacobi", "ar"):
+            for mode in ("jacobi", "multiblock"):
+                fast, ar = variants.get(f"{mode}-{engine}"), variants.get(f"ar-{engine}")
+                if fast and ar:
+                    speedup = fast["tok_per_s"] / ar["tok_per_s"]
+                    print(f"concurrency {level}, {engine}: {mode}/ar throughput {speedup:.2f}x")
+        for mode in ("jacobi", "multiblock", "ar"):
             continuous, static = variants.get(f"{mode}-continuous"), variants.get(f"{mode}-static")
             if continuous and static:
                 ratio = continuous["tok_per_s"] / static["tok_per_s"]

@@ -49,8 +49,9 @@ from cllm.jacobi import (
     prefill,
     roll_back_cache,
 )
-from cllm.kv_cache import ReservedLayer, check_supported
+from cllm.kv_cache import POSITIONS_FROM_MASK, ReservedLayer, check_supported
 from cllm.models import LoadedModel, context_length
+from cllm.multiblock import Lane, MultiBlock, advance_lane, begin_lane, branch_forward, roll_back_slots, shrink_lane
 from cllm.serving import DecodeJob, Mode, deliver, finish_job
 
 logger = logging.getLogger("ray.serve")
@@ -195,9 +196,12 @@ class Engine:
         self.pad_id = special.pad_id
         self.vocab_size = self.model.get_input_embeddings().num_embeddings
         self.block_size = 1 if mode == "ar" else decode.block_size
+        self.multiblock = mode == "multiblock"
+        self.blocks = MultiBlock.blocks if self.multiblock else 1  # multi-block's measured default K
+        self.explicit_masks = getattr(self.model.config, "model_type", None) not in POSITIONS_FROM_MASK
         self.init = decode.init
         self.max_running, self.max_tokens_per_step = max_running, max_tokens_per_step
-        self.dec = Decoding(
+        settings = dict(
             block_size=self.block_size,
             max_iters=decode.max_iters or self.block_size,
             eos_ids=self.eos_ids,
@@ -207,6 +211,7 @@ class Engine:
             on_commit=self.on_commit,
             record=False,
         )
+        self.dec = MultiBlock(**settings) if self.multiblock else Decoding(**settings)
         self.waiting: deque[DecodeJob] = deque()
         self.lock = threading.Lock()  # guards `waiting` against `add`/`abort` from other threads
         self.running: list[Running] = []
@@ -327,18 +332,35 @@ class Engine:
             return 0
         now = time.perf_counter()
         entries = [Running(job, self.new_row(job), now) for job in jobs]
-        self.dec.block_size = window_for(self.block_size, len(self.running) + len(jobs), self.max_tokens_per_step)
+        self.fit_budget(len(self.running) + len(jobs))
         for entry, token in zip(entries, first_tokens, strict=True):
             self.by_index[entry.row.index] = entry
-            begin_row(entry.row, token, self.dec)
+            (begin_lane if self.multiblock else begin_row)(entry.row, token, self.dec)
         self.join(entries, cache, prompt_mask)
         return len(jobs)
 
     def new_row(self, job: DecodeJob) -> Row:
         self.next_index += 1
         pool = NgramPool(self.block_size) if self.init == "ngram" else None
-        return Row(index=self.next_index, prompt=list(job.prompt_ids), budget=job.max_tokens, pool=pool,
-                   sampling=job.sampling)
+        return (Lane if self.multiblock else Row)(
+            index=self.next_index, prompt=list(job.prompt_ids), budget=job.max_tokens, pool=pool,
+            sampling=job.sampling,
+        )
+
+    def fit_budget(self, rows: int) -> int:
+        """The widest window each of `rows` rows may have in this step's pass (`max_tokens_per_step`); blocks
+        opened from now on get no wider, and a multi-block row opens no more blocks than fit."""
+        width = window_for(self.block_size * self.blocks, rows, self.max_tokens_per_step)
+        self.dec.block_size = min(self.block_size, width)
+        if self.multiblock:
+            self.dec.blocks = max(1, min(self.blocks, width // self.dec.block_size))
+        return width
+
+    def forward(self, cache: DynamicCache, cache_mask: torch.Tensor, rows: list[Row]) -> list[list[int]]:
+        """One pass over the rows' windows: each slot's prediction."""
+        if self.multiblock:
+            return branch_forward(self.model, self.layout, cache, cache_mask, rows, self.pad_id, self.explicit_masks)
+        return jacobi_forward(self.model, self.layout, cache, cache_mask, rows, self.pad_id)
 
     def join(self, entries: list[Running], cache: DynamicCache, prompt_mask: torch.Tensor) -> None:
         """The new rows become running rows; their cache rows go below the running ones.
@@ -354,21 +376,24 @@ class Engine:
     def iterate(self, stats: StepStats) -> None:
         """One Jacobi iteration of every running row under the step's token budget; commit and stream."""
         rows = [entry.row for entry in self.running]
-        width = window_for(self.block_size, len(rows), self.max_tokens_per_step)
-        self.dec.block_size = width  # blocks that start during this step get this width too
+        width = self.fit_budget(len(rows))
         for row in rows:
-            shrink_window(row, width)
+            (shrink_lane if self.multiblock else shrink_window)(row, width)
         stats.running, stats.window = len(rows), width
         stats.slots = len(rows) * max(len(row.window) for row in rows)
         committed_before = sum(len(row.generated) for row in rows)
         try:
-            predictions = jacobi_forward(self.model, self.layout, self.cache, self.cache_mask, rows, self.pad_id)
+            predictions = self.forward(self.cache, self.cache_mask, rows)
         except Exception:
             if self.fail_culprits():
                 return
             raise
-        kept = [advance_row(row, preds, self.dec) for row, preds in zip(rows, predictions, strict=True)]
-        self.cache_mask = roll_back_cache(self.cache, self.cache_mask, kept)
+        if self.multiblock:
+            kept = [advance_lane(row, preds, self.dec) for row, preds in zip(rows, predictions, strict=True)]
+            self.cache_mask = roll_back_slots(self.cache, self.cache_mask, kept)
+        else:
+            kept = [advance_row(row, preds, self.dec) for row, preds in zip(rows, predictions, strict=True)]
+            self.cache_mask = roll_back_cache(self.cache, self.cache_mask, kept)
         stats.committed = sum(len(row.generated) for row in rows) - committed_before
         for entry in self.running:
             entry.job.batch_size = max(entry.job.batch_size, len(rows))
@@ -412,7 +437,7 @@ class Engine:
             alone = copy.deepcopy(self.cache)
             alone.batch_select_indices(torch.tensor([i], device=self.cache_mask.device))
             try:
-                jacobi_forward(self.model, self.layout, alone, self.cache_mask[i : i + 1], [entry.row], self.pad_id)
+                self.forward(alone, self.cache_mask[i : i + 1], [entry.row])
             except Exception as err:
                 culprits[i] = f"{type(err).__name__}: {err}"
         for i, error in culprits.items():

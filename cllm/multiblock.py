@@ -33,6 +33,7 @@ With sampling settings every slot takes `cllm.sampling.choose_tokens` with the n
 it predicts (head + depth, in a branch too), so the output equals AR sampling with the same seed.
 
 The steps, in the order they run (prefill, accept and retire_rows are the plain mode's):
+  begin_lane       after prefill: the first token, then the first block
   open_block       a new block behind the last one in flight, filled by the init strategy
   recycled         the pool's continuations of the head, the extra branches of this pass
   branch_forward   one pass over every row's window and branches, with a 4-D mask built here
@@ -124,6 +125,25 @@ def open_block(lane: Lane, dec: MultiBlock) -> None:
     lane.spans.append((start, end))
 
 
+def begin_lane(lane: Lane, first_token: int, dec: MultiBlock) -> None:
+    """After prefill: the first token is final; open the first block (unless that token ended the row)."""
+    if lane.pool is not None:
+        lane.pool.observe(lane.prompt + [first_token])
+    accept(lane, [first_token], dec)
+    if not lane.done:
+        open_block(lane, dec)
+
+
+def shrink_lane(lane: Lane, width: int) -> None:
+    """Keep the window's first `width` slots (the serving engine's per-pass budget): the blocks they cut
+    end there, the blocks past them close unopened; the next block opens from the new end."""
+    if len(lane.window) <= width:
+        return
+    lane.window = lane.window[:width]
+    end = lane.head_index + width
+    lane.spans = [(start, min(stop, end)) for start, stop in lane.spans if start < end]
+
+
 def recycled(lane: Lane, dec: MultiBlock) -> list[list[int]]:
     """Pool continuations of the head that differ from the window's own guesses: this pass's extra branches."""
     length = min(dec.recycle_len, lane.guess_end() - len(lane.generated))
@@ -140,14 +160,17 @@ def recycled(lane: Lane, dec: MultiBlock) -> list[list[int]]:
 
 
 def branch_layout(lane: Lane, width: int, pad_token_id: int) -> tuple[list[int], list[int], list[int]]:
-    """Tokens, branch id and depth after the head of each slot: the window is branch 0, pad slots branch -1."""
+    """Tokens, branch id and depth after the head of each slot: the window is branch 0, pad slots branch -1.
+
+    A pad slot repeats the row's last depth: a row whose answer ends at the context must not get a
+    position past it (learned position tables end there), and no real slot sees a pad slot."""
     tokens, branch, depth = list(lane.window), [0] * len(lane.window), list(range(len(lane.window)))
     for b, guess in enumerate(lane.branches, start=1):
         tokens += guess
         branch += [b] * len(guess)
         depth += range(1, len(guess) + 1)
     pad = width - len(tokens)
-    return tokens + [pad_token_id] * pad, branch + [-1] * pad, depth + list(range(len(depth), width))
+    return tokens + [pad_token_id] * pad, branch + [-1] * pad, depth + [depth[-1]] * pad
 
 
 def branch_mask(
@@ -342,11 +365,7 @@ def multiblock_generate(
     cache, first_tokens = prefill(model, layout, input_ids, attention_mask, row_sampling)
     cache_mask = attention_mask
     for lane, token in zip(lanes, first_tokens, strict=True):
-        if lane.pool is not None:
-            lane.pool.observe(lane.prompt + [token])
-        accept(lane, [token], dec)
-        if not lane.done:
-            open_block(lane, dec)
+        begin_lane(lane, token, dec)
 
     forward_passes = 0
     live, cache_mask = retire_rows(lanes, cache, cache_mask)

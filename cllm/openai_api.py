@@ -256,7 +256,7 @@ class Usage(BaseModel):
 class JacobiStats(BaseModel):
     """How the answer was decoded; an extension field, ignored by OpenAI clients."""
 
-    mode: Literal["jacobi", "ar"]
+    mode: Literal["jacobi", "ar", "multiblock"]
     block_size: int
     forward_passes: int  # decoding passes this request took part in (prefill excluded)
     tokens_per_forward: float

@@ -74,7 +74,9 @@ def default_model_path() -> str:
 class ServeOptions(BaseModel):
     """How to batch, scale and listen; shared with the pipeline's `serve_options` section."""
 
-    mode: Mode = "jacobi"  # "ar": greedy one token per pass, the baseline
+    # "multiblock": two Jacobi blocks in flight per request (the fastest; exact like the others);
+    # "jacobi": one block; "ar": one token per pass, the baseline
+    mode: Mode = "multiblock"
     # batching (per replica): "continuous" admits requests between Jacobi iterations, "static" decodes
     # each @serve.batch to its end
     engine: Literal["continuous", "static"] = "continuous"

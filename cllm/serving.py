@@ -22,13 +22,14 @@ from typing import Literal
 from cllm.decoding import DecodeFields, left_pad, room_for, special_tokens
 from cllm.jacobi import ar_generate, jacobi_generate
 from cllm.models import LoadedModel, context_length
+from cllm.multiblock import multiblock_generate
 from cllm.openai_api import OpenAIError
 from cllm.sampling import SamplingParams, fresh_seed
 from cllm.streaming import TextStream
 
 logger = logging.getLogger("ray.serve")
 
-Mode = Literal["jacobi", "ar"]  # "ar": one token per pass, the baseline
+Mode = Literal["jacobi", "ar", "multiblock"]  # "ar": one token per pass, the baseline; "multiblock": K = 2
 
 
 @dataclass
@@ -136,6 +137,11 @@ class BatchDecoder:
         if self.mode == "ar":
             return ar_generate(self.model, input_ids, mask, **common)
         settings = self.decode_settings
+        if self.mode == "multiblock":
+            return multiblock_generate(
+                self.model, input_ids, mask, block_size=settings.block_size, init=settings.init, seed=self.seed,
+                **common,
+            )
         return jacobi_generate(
             self.model,
             input_ids,

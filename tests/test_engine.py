@@ -76,7 +76,7 @@ def check_cache_layout(eng: Engine) -> None:
         assert layer.keys.shape[0] == len(eng.running) and layer.keys.shape[-2] == eng.cache_mask.shape[1]
 
 
-@pytest.mark.parametrize("mode", ["jacobi", "ar"])
+@pytest.mark.parametrize("mode", ["jacobi", "ar", "multiblock"])
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_staggered_arrivals_each_equal_greedy_generate(arch, mode):
     loaded = LoadedModel(tiny_model(arch), char_tokenizer(), arch)
@@ -103,6 +103,8 @@ def test_staggered_arrivals_each_equal_greedy_generate(arch, mode):
             assert 0 < j.forward_passes <= len(j.tokens) - 1
     assert max(j.batch_size for j in jobs) > 1
     assert eng.cache is None and eng.cache_width == 0
+    if mode == "multiblock":
+        assert eng.dec.blocks_spawned > 0  # rows did run two blocks at once
 
 
 def test_eos_in_the_middle_of_a_block():
@@ -216,9 +218,10 @@ def test_prefill_first_but_never_two_prefill_only_steps_in_a_row(char_loaded):
     assert plain.step().running == 1  # the old order: admit and pass in one step
 
 
-def test_token_budget_shrinks_blocks_down_to_ar(char_loaded):
+@pytest.mark.parametrize("mode", ["jacobi", "multiblock"])
+def test_token_budget_shrinks_blocks_down_to_ar(char_loaded, mode):
     assert window_for(8, 1, 64) == 8 and window_for(8, 4, 8) == 2 and window_for(8, 20, 8) == 1
-    eng = engine(char_loaded, block_size=8, max_tokens_per_step=8)
+    eng = engine(char_loaded, block_size=8, max_tokens_per_step=8, mode=mode)
     budgets = [60, 12, 12, 12, 12]
     jobs = [job(char_loaded, p, n) for p, n in zip(PROMPTS, budgets, strict=False)]
     eng.add(jobs[0])
@@ -234,6 +237,27 @@ def test_token_budget_shrinks_blocks_down_to_ar(char_loaded):
     assert windows[0] == 8 and 1 in windows and windows[-1] == 8  # 5 rows: AR; alone again: full blocks
     for j, n in zip(jobs, budgets, strict=False):
         assert j.tokens == greedy(char_loaded, j.prompt_ids, n)
+
+
+def test_multiblock_rows_run_two_blocks_while_the_budget_allows(char_loaded):
+    """Alone, a multi-block row's window spans two blocks; with more rows than the budget holds at that
+    width, each row keeps one block (and less), and every answer still equals generate."""
+    eng = engine(char_loaded, block_size=4, mode="multiblock", max_tokens_per_step=16)
+    first = job(char_loaded, PROMPTS[2], 40)
+    eng.add(first)
+    alone = [eng.step().slots for _ in range(8)]
+    assert max(alone) > 4  # a second block in flight
+    others = [job(char_loaded, p, 24) for p in PROMPTS[3:6]]
+    for j in others:
+        eng.add(j)
+    crowded = []
+    while eng.has_work():
+        stats = eng.step()
+        if stats.running == 4:
+            crowded.append(stats)
+    assert crowded and all(s.window == 4 and s.slots <= 16 for s in crowded)  # 16 slots / 4 rows: one block
+    for j in [first, *others]:
+        assert j.tokens == greedy(char_loaded, j.prompt_ids, j.max_tokens)
 
 
 def test_byte_level_streaming_never_splits_a_character(byte_loaded):

@@ -117,8 +117,9 @@ def test_family_decodes_exactly(family):
         assert out.new_tokens[row] < MAX_NEW  # the row stopped at its EOS
 
 
+@pytest.mark.parametrize("mode", ["jacobi", "multiblock"])
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_family_decodes_exactly_in_the_serving_engine(family):
+def test_family_decodes_exactly_in_the_serving_engine(family, mode):
     """The continuous engine's cache (spare rows and columns, rows joining right-aligned, leaving rows
     overwritten by the last one, columns dropped on the left) gives every family the tokens of `generate`
     for each prompt alone, sliding windows included, with requests arriving while others run."""
@@ -126,7 +127,7 @@ def test_family_decodes_exactly_in_the_serving_engine(family):
 
     model = tiny_family_model(*FAMILIES[family], vocab_size=CHAR_VOCAB)
     tokenizer = char_tokenizer()
-    engine = Engine(LoadedModel(model, tokenizer, family), DecodeFields(block_size=BLOCK), max_running=4)
+    engine = Engine(LoadedModel(model, tokenizer, family), DecodeFields(block_size=BLOCK), mode=mode, max_running=4)
     # a short prompt alone first, so a longer one joins a narrower cache (holes open on the old rows' left)
     prompts = ["a", "Hello there, how are you on this fine day, my friend", "x = 1 + 2", "Once upon a time", "zz top"]
     budgets = [20, MAX_NEW, MAX_NEW, 9, 30]
@@ -145,7 +146,7 @@ def test_family_decodes_exactly_in_the_serving_engine(family):
         expected = expected.tolist()
         if 2 in expected:
             expected = expected[: expected.index(2) + 1]
-        assert job.error is None and job.tokens == expected, (family, job.prompt_ids)
+        assert job.error is None and job.tokens == expected, (family, mode, job.prompt_ids)
 
 
 def test_sliding_window_counts_positions_not_cache_slots():

@@ -137,3 +137,18 @@ def test_bad_arguments_raise_value_error(llama_model, tokenizer, kwargs, message
     input_ids, mask = encode(tokenizer, PROMPTS[:2])
     with pytest.raises(ValueError, match=message):
         multiblock_generate(llama_model, input_ids, mask, **{"max_new_tokens": 8, "block_size": 4, **kwargs})
+
+
+def test_a_row_at_the_context_end_shares_passes_with_wider_rows(tokenizer):
+    """Learned position embeddings (GPT-2) index past the table if a pad slot gets a position beyond its
+    row's last one: a row whose answer ends at the context, beside a row with a wider window."""
+    context = 48
+    model = tiny_model("gpt2", context=context)
+    input_ids, mask = encode(tokenizer, ["The quick brown fox jumps", "x"])
+    budgets = [context - input_ids.shape[1], 30]  # row 0 ends exactly at the context
+    out = multiblock_generate(model, input_ids, mask, max_new_tokens=budgets, block_size=8, blocks=2,
+                              eos_token_id=None, pad_token_id=0)
+    for row, budget in enumerate(budgets):
+        expected = greedy(model, input_ids[row : row + 1], mask[row : row + 1], max_new_tokens=budget)
+        width = input_ids.shape[1] + budget
+        assert out.sequences[row, :width].tolist() == expected[0, :width].tolist()

@@ -97,7 +97,7 @@ def job_for(loaded, text: str, max_tokens: int, stop=()) -> DecodeJob:
     )
 
 
-@pytest.mark.parametrize("mode", ["jacobi", "ar"])
+@pytest.mark.parametrize("mode", ["jacobi", "ar", "multiblock"])
 def test_batch_decoder_matches_greedy_generate(loaded, mode):
     decoder = BatchDecoder(loaded, DecodeFields(block_size=4), mode=mode)
     budgets = [12, 30, 5, 21]
@@ -111,7 +111,7 @@ def test_batch_decoder_matches_greedy_generate(loaded, mode):
         assert all(job.tokens_per_forward == 1.0 for job in jobs)
 
 
-@pytest.mark.parametrize("mode", ["jacobi", "ar"])
+@pytest.mark.parametrize("mode", ["jacobi", "ar", "multiblock"])
 def test_batch_decoder_samples_like_ar_generate(loaded, mode):
     decoder = BatchDecoder(loaded, DecodeFields(block_size=4, init="ngram"), mode=mode)
     settings = [dict(temperature=0.7, seed=1), dict(temperature=1.0, top_p=0.9, seed=2), None,
@@ -300,7 +300,7 @@ def test_completion_matches_greedy_generate(server, loaded):
     assert usage["prompt_tokens"] == len("héllo wörld".encode())
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
     stats = answer["jacobi_stats"]
-    assert stats["mode"] == "jacobi" and stats["block_size"] == 4
+    assert stats["mode"] == "multiblock" and stats["block_size"] == 4
     assert 0 < stats["forward_passes"] < usage["completion_tokens"]
     assert stats["tokens_per_forward"] >= 1.0
     assert 0 < stats["first_token_seconds"] < waited  # measured in the replica, inside the client's wait
@@ -357,6 +357,28 @@ def test_load_benchmark_reads_every_answer_exactly(server, loaded, stream):
     assert summary["errors"] == 0 and summary["tok_per_s"] > 0
     if stream:
         assert summary["steady_ttft_p99_s"] <= summary["ttft_p99_s"]
+
+
+@pytest.mark.parametrize("engine", ["continuous", "static"])
+def test_multiblock_server_answers_like_greedy_generate(server, model_dir, loaded, engine):
+    """`mode: multiblock` on the same Serve: streamed and whole answers equal greedy generate."""
+    app = build_app({"model": str(model_dir), "model_name": MODEL_NAME, "block_size": 4,
+                     "mode": "multiblock", "engine": engine, "num_cpus": 0.25, "max_batch_size": 8})
+    serve.run(app, name="cllm-multiblock", route_prefix="/multiblock")
+    try:
+        url = server + "/multiblock"
+        with ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(lambda p: post(url, "/v1/completions", {"model": MODEL_NAME, "prompt": p,
+                                                                         "max_tokens": 30}).json(), PROMPTS[:4]))
+        for prompt, answer in zip(PROMPTS[:4], answers, strict=True):
+            assert answer["choices"][0]["text"] == greedy_text(loaded, prompt, 30)
+            assert answer["jacobi_stats"]["mode"] == "multiblock"
+        events = stream_events(url, "/v1/completions", {"model": MODEL_NAME, "prompt": PROMPTS[5], "max_tokens": 40,
+                                                         "stream": True})
+        text = "".join(c["choices"][0]["text"] for c in events[:-1] if c["choices"])
+        assert text == greedy_text(loaded, PROMPTS[5], 40)
+    finally:
+        serve.delete("cllm-multiblock")
 
 
 def test_chat_completion_matches_greedy_generate(server, loaded):
