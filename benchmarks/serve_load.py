@@ -231,10 +231,16 @@ def start_servers(cfg: LoadConfig) -> dict[str, str]:
     from cllm.serve import build_app
 
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    variants = [(m, e) for m in cfg.modes for e in cfg.engines]
+    cpus = ray.cluster_resources().get("CPU", 0)
+    if len(variants) * cfg.num_cpus > cpus:
+        ray.shutdown()
+        sys.exit(f"error: {len(variants)} variants x --num-cpus {cfg.num_cpus} exceed this machine's {cpus:g} CPUs "
+                 f"(a replica that does not fit would never start); lower --num-cpus or run fewer variants")
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     urls = {}
-    for mode, engine in [(m, e) for m in cfg.modes for e in cfg.engines]:
+    for mode, engine in variants:
         args = {
             "mode": mode,
             "engine": engine,
