@@ -6,8 +6,10 @@ for the slowest row. The `Engine` here is step-wise instead; one `step()`:
   admit     prefill waiting requests in a cache of their own (their first token comes from it), then merge
             their cache rows into the running cache; with `prefill_first`, a step that admitted ends here
   budget    shrink every row's Jacobi window so running rows x window stays within `max_tokens_per_step`
-  iterate   one `jacobi_forward` over every running row's window, in one batched pass
-  commit    `advance_row` per row: its agreeing run becomes final and streams out (`cllm.serving.deliver`)
+  iterate   one `jacobi_forward` over every running row's window, in one batched pass (`branch_forward`
+            for multi-block rows)
+  commit    `advance_row` (`advance_lane`) per row: its agreeing run becomes final and streams out
+            (`cllm.serving.deliver`)
   retire    finished, stopped or cancelled rows leave the cache (the last rows move into their places)
   compact   cache columns no live row attends to any more are dropped, so memory follows live requests
 
@@ -20,7 +22,9 @@ and masked entries are never seen, so a row's tokens do not depend on who shares
 arrived: each request decodes to greedy `generate(do_sample=False)` of its prompt alone, or, with sampling
 settings (`DecodeJob.sampling`), to `ar_generate` of its prompt alone with the same settings.
 
-A window of one token is one AR step: `mode="ar"` is this engine with block size 1. Nothing here imports Ray.
+The mode decides the window: `mode="multiblock"` rows are `cllm.multiblock.Lane`s with up to two blocks in
+flight, `mode="jacobi"` rows one block, and a window of one token is one AR step: `mode="ar"` is this
+engine with block size 1. Nothing here imports Ray.
 """
 
 from __future__ import annotations
