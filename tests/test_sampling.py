@@ -232,7 +232,7 @@ def test_same_seed_same_text_other_seeds_differ(llama_model, tokenizer):
     assert tokenizer.decode(again.sequences[0, input_ids.shape[1] :]) == texts[0]
 
 
-@pytest.mark.parametrize("mode", ["jacobi", "ar"])
+@pytest.mark.parametrize("mode", ["jacobi", "ar", "multiblock"])
 def test_engine_with_staggered_arrivals_equals_ar_sampling(mode):
     loaded = LoadedModel(tiny_model("llama"), char_tokenizer(), "llama")
     eng = Engine(loaded, DecodeFields(block_size=4, init="ngram"), mode=mode, max_running=8)
