@@ -52,6 +52,7 @@ class LoadConfig(StageConfig):
     engines: list[Literal["continuous", "static"]] = ["continuous", "static"]
     max_tokens_per_step: int = Field(256, ge=1)  # continuous engine's per-pass token budget
     prefill_first: bool = True  # continuous engine: a step that admits requests runs no pass
+    stream_interval_s: float = Field(0.0, ge=0)  # the server's: at most one write per request per interval
     concurrency: list[int] = [1, 16]
     requests_per_client: int = Field(4, ge=1)
     arrival_rates: list[float] = []  # open loop: requests per second, Poisson arrivals
@@ -246,6 +247,7 @@ def start_servers(cfg: LoadConfig) -> dict[str, str]:
             "engine": engine,
             "max_tokens_per_step": cfg.max_tokens_per_step,
             "prefill_first": cfg.prefill_first,
+            "stream_interval_s": cfg.stream_interval_s,
             "model_name": cfg.model_name,
             "block_size": cfg.block_size,
             "init": cfg.init,

@@ -105,6 +105,9 @@ class ServeOptions(BaseModel):
     port: int = Field(8000, ge=1, le=65535)
     app_name: str = "cllm"
     route_prefix: str = "/"
+    # streaming: after a request's first text, at most one write per this many seconds (the text of the
+    # passes in between goes together): fewer messages through the proxy; 0: a write per pass
+    stream_interval_s: float = Field(0.0, ge=0, le=10)
     # a larger request body gets a 413 before it is parsed; 4 MiB holds a 128k-token prompt as text or ids
     max_request_bytes: int = Field(4 * 2**20, ge=1)
 
@@ -429,15 +432,20 @@ class JacobiServer:
         decoding.add_done_callback(lambda future: self.note_stream_end(future, jobs))
 
         async def deltas() -> AsyncIterator[str]:
-            """The text events, those that queued up meanwhile sent in one write: under load every write is
-            a message from replica to proxy, and the proxy shares the machine with the decoder."""
+            """The text events; text that queued up meanwhile goes in one write, one event per choice: under
+            load every write is a message from replica to proxy, and the proxy shares the machine."""
             while (item := await queue.get()) is not None:
-                ready = [item]
-                while not queue.empty() and (item := queue.get_nowait()) is not None:
-                    ready.append(item)
-                yield "".join(reply.delta(text, index) for index, text in ready)
-                if item is None:  # the end came in with the last of the text
+                ready: dict[int, str] = {}
+                while item is not None:
+                    ready[item[0]] = ready.get(item[0], "") + item[1]
+                    if queue.empty():
+                        break
+                    item = queue.get_nowait()  # None: the end, right behind the last text
+                yield "".join(reply.delta(text, index) for index, text in ready.items())
+                if item is None:
                     return
+                if self.config.stream_interval_s:
+                    await asyncio.sleep(self.config.stream_interval_s)  # what comes meanwhile goes in one write
 
         async def events() -> AsyncIterator[str]:
             try:

@@ -381,6 +381,30 @@ def test_multiblock_server_answers_like_greedy_generate(server, model_dir, loade
         serve.delete("cllm-multiblock")
 
 
+def test_stream_interval_sends_fewer_larger_events(server, model_dir, loaded):
+    """`stream_interval_s`: after the first text, one event per choice per interval, the same text."""
+    app = build_app({"model": str(model_dir), "model_name": MODEL_NAME, "mode": "ar", "num_cpus": 0.25,
+                     "stream_interval_s": 0.25})
+    serve.run(app, name="cllm-interval", route_prefix="/interval")
+    try:
+        url = server + "/interval"
+        payload = {"model": MODEL_NAME, "prompt": PROMPTS[0], "max_tokens": 60, "stream": True}
+        started = time.perf_counter()
+        events = stream_events(url, "/v1/completions", payload)
+        elapsed = time.perf_counter() - started
+        texts = [c["choices"][0]["text"] for c in events[:-1] if c["choices"] and c["choices"][0]["text"]]
+        assert "".join(texts) == greedy_text(loaded, PROMPTS[0], 60)
+        assert len(texts) <= elapsed / 0.25 + 2 < 60  # an AR stream would send one event per token
+        sampled = {**payload, "n": 2, "temperature": 0.8, "seed": 3, "prompt": PROMPTS[1]}
+        chunks = stream_events(url, "/v1/completions", sampled)[:-1]
+        for choice in (0, 1):
+            mine = [c["choices"][0] for c in chunks if c["choices"] and c["choices"][0]["index"] == choice]
+            text = "".join(c["text"] for c in mine)
+            assert text == sampled_text(loaded, PROMPTS[1], 60, temperature=0.8, seed=3 + choice)
+    finally:
+        serve.delete("cllm-interval")
+
+
 def test_chat_completion_matches_greedy_generate(server, loaded):
     messages = [{"role": "user", "content": "🎉 party"}]
     response = post(server, "/v1/chat/completions", {"model": MODEL_NAME, "messages": messages, "max_tokens": 30})
