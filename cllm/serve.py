@@ -444,8 +444,8 @@ class JacobiServer:
                 yield "".join(reply.delta(text, index) for index, text in ready.items())
                 if item is None:
                     return
-                if self.config.stream_interval_s:
-                    await asyncio.sleep(self.config.stream_interval_s)  # what comes meanwhile goes in one write
+                if self.config.stream_interval_s:  # what comes meanwhile goes in one write; the end goes at once
+                    await asyncio.wait([decoding], timeout=self.config.stream_interval_s)
 
         async def events() -> AsyncIterator[str]:
             try:
