@@ -40,6 +40,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from transformers import DynamicCache
 
 from cllm.decoding import DecodeFields, check_token_ids, left_pad, room_for, special_tokens
@@ -92,20 +93,11 @@ def layer_tensors(cache: DynamicCache) -> list:
     return [layer for layer in cache.layers if holds(layer)]
 
 
-def stack_right_aligned(upper: torch.Tensor, lower: torch.Tensor, dim: int) -> torch.Tensor:
-    """Rows of `upper` then rows of `lower` (batch is dim 0), the narrower one padded on the left along `dim`
-    with zero (masked) entries."""
-    dim = dim % upper.dim()
-    width = max(upper.shape[dim], lower.shape[dim])
-    shape = list(upper.shape)
-    shape[0], shape[dim] = upper.shape[0] + lower.shape[0], width
-    out = upper.new_empty(shape)
-    for part, rows in ((upper, slice(0, upper.shape[0])), (lower, slice(upper.shape[0], None))):
-        target = out[rows]
-        hole = width - part.shape[dim]
-        target.narrow(dim, 0, hole).zero_()
-        target.narrow(dim, hole, part.shape[dim]).copy_(part)
-    return out
+def stack_masks(upper: torch.Tensor, lower: torch.Tensor) -> torch.Tensor:
+    """Rows of `upper` then rows of `lower`, right-aligned: the narrower one gets masked columns on the left
+    (the cache's own rows move the same way: `ReservedLayer.append_rows`)."""
+    width = max(upper.shape[1], lower.shape[1])
+    return torch.cat([F.pad(mask, (width - mask.shape[1], 0)) for mask in (upper, lower)])
 
 
 def reserve(cache: DynamicCache, rows: int) -> DynamicCache:
@@ -124,7 +116,7 @@ def merge_caches(
     for old, new in zip(running.layers, joining.layers, strict=True):
         if holds(new):  # else a layer that keeps no cache of its own
             old.append_rows(new.keys, new.values)
-    return stack_right_aligned(running_mask, joining_mask, 1)
+    return stack_masks(running_mask, joining_mask)
 
 
 def drop_rows(cache: DynamicCache, cache_mask: torch.Tensor, done: list[bool]) -> tuple[list[int], torch.Tensor]:

@@ -187,8 +187,8 @@ class ReservedLayer(DynamicLayer):
     `DynamicLayer` concatenates on every pass (a copy of the whole cache per layer per pass) and a row
     leaving or joining copies every row. Here a pass writes its window into spare columns, a joining row
     is written into a spare row, a leaving row is overwritten by the last row, and columns that no row
-    uses any more on the left are dropped by moving `start`. Only when the spare columns run out is the
-    cache copied, into buffers twice as large.
+    uses any more on the left are dropped by moving `start`. The cache is copied whole only into larger
+    buffers (when the spare rows or columns run out) or to drop holes scattered in the middle.
     """
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, spare_rows: int = 0):
@@ -198,16 +198,18 @@ class ReservedLayer(DynamicLayer):
         self.key_buffer = self.value_buffer = None
         self.relocate(keys, values, keys.shape[0] + spare_rows, 2 * keys.shape[-2])
 
-    def relocate(self, keys: torch.Tensor, values: torch.Tensor, row_capacity: int, column_capacity: int) -> None:
-        """Copy `keys`/`values` into new zeroed buffers (zeros: a masked hole must hold a finite value)."""
+    def relocate(self, keys: torch.Tensor, values: torch.Tensor, row_capacity: int, column_capacity: int,
+                 left: int = 0) -> None:
+        """Copy `keys`/`values` into new zeroed buffers from column `left` on (zeros: a masked hole must
+        hold a finite value)."""
         shape = (row_capacity, keys.shape[1], column_capacity, keys.shape[-1])
         self.key_buffer = keys.new_zeros(shape)
         self.value_buffer = values.new_zeros(shape[:3] + (values.shape[-1],))
         rows, width = keys.shape[0], keys.shape[-2]
-        self.key_buffer[:rows, :, :width] = keys
-        self.value_buffer[:rows, :, :width] = values
-        self.rows, self.start = rows, 0
-        self.set_view(width)
+        self.key_buffer[:rows, :, left : left + width] = keys
+        self.value_buffer[:rows, :, left : left + width] = values
+        self.rows, self.start = rows, left
+        self.set_view(left + width)
 
     def set_view(self, end: int) -> None:
         self.keys = self.key_buffer[: self.rows, :, self.start : end]
@@ -249,13 +251,8 @@ class ReservedLayer(DynamicLayer):
         if joining > self.start + width or self.rows + keys.shape[0] > self.key_buffer.shape[0]:
             # too wide for the room on the left, or no spare rows: copy into larger buffers, room on the left
             room = max(0, joining - width)
-            old_keys, old_values = self.keys, self.values
-            shape = (max(2 * self.key_buffer.shape[0], self.rows + keys.shape[0]), self.key_buffer.shape[1],
-                     room + 2 * (width + joining), self.key_buffer.shape[-1])
-            self.key_buffer, self.value_buffer = old_keys.new_zeros(shape), old_values.new_zeros(shape)
-            self.key_buffer[: self.rows, :, room : room + width] = old_keys
-            self.value_buffer[: self.rows, :, room : room + width] = old_values
-            self.start, self.end = room, room + width
+            self.relocate(self.keys, self.values, max(2 * self.key_buffer.shape[0], self.rows + keys.shape[0]),
+                          room + 2 * (width + joining), left=room)
         if joining > self.end - self.start:  # wider than the cache: its rows get holes on the left
             self.start = self.end - joining
             self.key_buffer[: self.rows, :, self.start : self.end - width] = 0

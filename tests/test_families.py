@@ -17,8 +17,6 @@ from cllm.engine import Engine
 from cllm.jacobi import ar_generate, jacobi_generate
 from cllm.kv_cache import check_supported, visible_keys
 from cllm.models import LoadedModel
-from cllm.serving import DecodeJob
-from cllm.streaming import TextStream
 
 VOCAB = 160
 WINDOW = 8
@@ -124,15 +122,15 @@ def test_family_decodes_exactly_in_the_serving_engine(family, mode):
     overwritten by the last one, columns dropped on the left) gives every family the tokens of `generate`
     for each prompt alone, sliding windows included, with requests arriving while others run."""
     from conftest import CHAR_VOCAB, char_tokenizer
+    from test_engine import greedy as greedy_alone
+    from test_engine import job as engine_job
 
-    model = tiny_family_model(*FAMILIES[family], vocab_size=CHAR_VOCAB)
-    tokenizer = char_tokenizer()
-    engine = Engine(LoadedModel(model, tokenizer, family), DecodeFields(block_size=BLOCK), mode=mode, max_running=4)
+    loaded = LoadedModel(tiny_family_model(*FAMILIES[family], vocab_size=CHAR_VOCAB), char_tokenizer(), family)
+    engine = Engine(loaded, DecodeFields(block_size=BLOCK), mode=mode, max_running=4)
     # a short prompt alone first, so a longer one joins a narrower cache (holes open on the old rows' left)
     prompts = ["a", "Hello there, how are you on this fine day, my friend", "x = 1 + 2", "Once upon a time", "zz top"]
     budgets = [20, MAX_NEW, MAX_NEW, 9, 30]
-    jobs = [DecodeJob(prompt_ids=tokenizer(p)["input_ids"], max_tokens=n, text=TextStream(tokenizer))
-            for p, n in zip(prompts, budgets, strict=True)]
+    jobs = [engine_job(loaded, p, n) for p, n in zip(prompts, budgets, strict=True)]
     for arriving in (jobs[:1], jobs[1:3], jobs[3:]):
         for job in arriving:
             engine.add(job)
@@ -140,12 +138,7 @@ def test_family_decodes_exactly_in_the_serving_engine(family, mode):
             engine.step()
     engine.run_until_idle()
     for job in jobs:
-        ids = torch.tensor([job.prompt_ids])
-        expected = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                  max_new_tokens=job.max_tokens, eos_token_id=2, pad_token_id=0)[0, ids.shape[1]:]
-        expected = expected.tolist()
-        if 2 in expected:
-            expected = expected[: expected.index(2) + 1]
+        expected = greedy_alone(loaded, job.prompt_ids, job.max_tokens)
         assert job.error is None and job.tokens == expected, (family, mode, job.prompt_ids)
 
 
