@@ -14,7 +14,8 @@ sends its next request when the last one is answered), then, for each `--arrival
 requests at Poisson-distributed times whatever the server's pace (open loop). It prints requests/s,
 tokens/s, p50/p99 latency, p50/p99 time to first token (streaming; p99 also without each client's first
 request, which all clients send at once), the replica's own first-token time (`jacobi_stats`: what the
-client waits beyond it is the proxy and the network), tokens per forward and errors. The clients are
+client waits beyond it is the proxy and the network) and the part of that spent queued before the
+request's prefill began, tokens per forward and errors. The clients are
 coroutines on one event loop, so the load generator takes little of the server's CPU. Every
 variant decodes greedily, so all must answer identically, and equal to `generate` run here on the same
 model (`--check`); it checks both.
@@ -78,6 +79,7 @@ class Outcome:
     text: str
     error: str | None = None
     replica_first_token: float | None = None  # the replica's own first-token time (`jacobi_stats`)
+    replica_queue: float | None = None  # the part of it spent queued before the request's prefill
     client_first: bool = False  # a closed-loop client's first request: all clients send theirs at once
 
 
@@ -111,6 +113,7 @@ async def complete(session: aiohttp.ClientSession, base: str, payload: dict, str
                 stats["forward_passes"],
                 answer["choices"][0]["text"],
                 replica_first_token=stats.get("first_token_seconds"),
+                replica_queue=stats.get("queue_seconds"),
             )
         first, text, tokens, stats = None, [], 0, {}
         async for raw in response.content:
@@ -128,7 +131,7 @@ async def complete(session: aiohttp.ClientSession, base: str, payload: dict, str
             if event.get("usage"):
                 tokens = event["usage"]["completion_tokens"]
     return Outcome(time.perf_counter() - start, first, tokens, stats.get("forward_passes", 0), "".join(text),
-                   replica_first_token=stats.get("first_token_seconds"))
+                   replica_first_token=stats.get("first_token_seconds"), replica_queue=stats.get("queue_seconds"))
 
 
 def client_session() -> aiohttp.ClientSession:
@@ -199,6 +202,7 @@ def summarize(results: list[tuple[str, Outcome]], wall: float) -> dict:
     latencies = [o.latency for o in outcomes]
     firsts = [o.first_token for o in outcomes if o.first_token is not None]
     replica = [o.replica_first_token for o in outcomes if o.replica_first_token is not None]
+    queued = [o.replica_queue for o in outcomes if o.replica_queue is not None]
     # without the burst of the clients' simultaneous first requests (closed loop; open loop: all)
     steady = [o.first_token for o in outcomes if o.first_token is not None and not o.client_first]
     return {
@@ -213,6 +217,8 @@ def summarize(results: list[tuple[str, Outcome]], wall: float) -> dict:
         "steady_ttft_p99_s": percentile(steady, 99),
         "replica_ttft_p50_s": percentile(replica, 50),
         "replica_ttft_p99_s": percentile(replica, 99),
+        "queue_p50_s": percentile(queued, 50),
+        "queue_p99_s": percentile(queued, 99),
         # each request's first token comes from prefill, as in JacobiOutput.tokens_per_forward
         "tpf": sum(o.tokens - 1 for o in outcomes) / max(1, sum(o.forward_passes for o in outcomes)),
     }
@@ -339,7 +345,8 @@ def greedy_texts(cfg: LoadConfig, answered: dict[str, str]) -> dict[str, str]:
 def print_table(rows: list[dict]) -> None:
     header = (
         f"{'load':>6} {'variant':>21} {'reqs':>5} {'errs':>4} {'req/s':>7} {'tok/s':>8} {'p50 s':>7} {'p99 s':>7} "
-        f"{'ttft50 s':>8} {'ttft99 s':>8} {'steady99':>8} {'replica50':>9} {'replica99':>9} {'tok/fwd':>7}"
+        f"{'ttft50 s':>8} {'ttft99 s':>8} {'steady99':>8} {'replica50':>9} {'replica99':>9} "
+        f"{'queue50':>7} {'queue99':>7} {'tok/fwd':>7}"
     )
     print(header)
     for r in rows:
@@ -347,11 +354,12 @@ def print_table(rows: list[dict]) -> None:
             f"{r['concurrency']:>6} {r['mode']:>21} {r['requests']:>5} {r['errors']:>4} {r['req_per_s']:>7.2f} "
             f"{r['tok_per_s']:>8.1f} {r['p50_s']:>7.3f} {r['p99_s']:>7.3f} {r['ttft_p50_s']:>8.3f} "
             f"{r['ttft_p99_s']:>8.3f} {r['steady_ttft_p99_s']:>8.3f} {r['replica_ttft_p50_s']:>9.3f} "
-            f"{r['replica_ttft_p99_s']:>9.3f} {r['tpf']:>7.2f}"
+            f"{r['replica_ttft_p99_s']:>9.3f} {r['queue_p50_s']:>7.3f} {r['queue_p99_s']:>7.3f} {r['tpf']:>7.2f}"
         )
     print(
         "(ttft: first text at the client; steady99: the same without each client's first request, which all\n"
-        " clients send at once; replica: the replica's own first-token time, without proxy and network)"
+        " clients send at once; replica: the replica's own first-token time, without proxy and network;\n"
+        " queue: the part of it before the request's prefill began, waiting for the engine's step or batch)"
     )
     for r in rows:
         print(

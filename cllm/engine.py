@@ -311,6 +311,9 @@ class Engine:
     def admit(self, jobs: list[DecodeJob]) -> int:
         """Admit a group; if its prefill fails, each request alone, so one that cannot prefill fails by itself."""
         device = next(self.model.parameters()).device
+        started = time.perf_counter()
+        for job in jobs:
+            job.started_at = job.started_at or started  # a retry alone after a failed group prefill keeps it
         input_ids, prompt_mask = left_pad([job.prompt_ids for job in jobs], self.pad_id, device=device)
         prompt_mask = prompt_mask.bool()
         try:

@@ -265,6 +265,9 @@ class JacobiStats(BaseModel):
     # from the replica accepting the request to its first token, measured in the replica: what a client
     # waits beyond this is routing and transport
     first_token_seconds: float | None = None
+    # the part of first_token_seconds spent queued for the engine (or for a static batch); the rest is the
+    # request's prefill, so a long wait here means the replica is full, a long rest a long prompt
+    queue_seconds: float | None = None
 
 
 FinishReason = Literal["stop", "length"]

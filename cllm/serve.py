@@ -171,6 +171,12 @@ class ServeMetrics:
             boundaries=[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0],
             tag_keys=("mode",),
         )
+        self.queue_seconds = metrics.Histogram(
+            "cllm_queue_seconds",
+            description="seconds from request arrival to the start of its prefill (part of the first-token time)",
+            boundaries=[0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0],
+            tag_keys=("mode",),
+        )
         self.waiting = metrics.Gauge("cllm_waiting_requests", description="requests queued for the engine")
         self.running = metrics.Gauge("cllm_running_requests", description="requests in the engine's passes")
         self.step_seconds = metrics.Histogram(
@@ -492,6 +498,7 @@ class JacobiServer:
         passes = sum(job.forward_passes for job in jobs)
         decoded = sum(len(job.tokens) - 1 for job in jobs if job.forward_passes)
         waits = [job.time_to_first_token for job in jobs if job.time_to_first_token is not None]
+        queued = [job.queue_seconds for job in jobs if job.queue_seconds is not None]
         return JacobiStats(
             mode=self.config.mode,
             block_size=1 if self.config.mode == "ar" else self.config.block_size,
@@ -500,6 +507,7 @@ class JacobiServer:
             batch_size=max(job.batch_size for job in jobs),  # continuous: the most requests sharing a pass
             decode_seconds=round(max(job.decode_seconds for job in jobs), 4),
             first_token_seconds=round(min(waits), 4) if waits else None,  # the answer's first text
+            queue_seconds=round(min(queued), 4) if queued else None,
         )
 
     def record(self, job: DecodeJob) -> None:
@@ -510,9 +518,11 @@ class JacobiServer:
             self.metrics.tokens_per_forward.observe(job.tokens_per_forward, tags=tags)
         if job.time_to_first_token is not None:
             self.metrics.time_to_first_token.observe(job.time_to_first_token, tags=tags)
+        if job.queue_seconds is not None:
+            self.metrics.queue_seconds.observe(job.queue_seconds, tags=tags)
         logger.info(
             "request: %d prompt + %d new tokens, %s, %d forward passes, %.2f tokens/forward, batch %d, "
-            "first token %.3fs",
+            "first token %.3fs (queued %.3fs)",
             len(job.prompt_ids),
             len(job.tokens),
             job.finish_reason,
@@ -520,6 +530,7 @@ class JacobiServer:
             job.tokens_per_forward,
             job.batch_size,
             job.time_to_first_token or 0.0,
+            job.queue_seconds or 0.0,
         )
 
 

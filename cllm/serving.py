@@ -44,6 +44,7 @@ class DecodeJob:
     cancelled: bool = False  # the client went away: its row stops at the next commit
     tokens: list[int] = field(default_factory=list)
     finish_reason: Literal["stop", "length"] | None = None
+    started_at: float | None = None  # its prefill began: admitted by the engine, or its static batch started
     first_token_at: float | None = None
     forward_passes: int = 0
     batch_size: int = 0
@@ -60,6 +61,11 @@ class DecodeJob:
     @property
     def time_to_first_token(self) -> float | None:
         return None if self.first_token_at is None else self.first_token_at - self.arrived
+
+    @property
+    def queue_seconds(self) -> float | None:
+        """The part of the first-token wait spent queued, before any computing for this request."""
+        return None if self.started_at is None else self.started_at - self.arrived
 
 
 def fitting_groups(jobs: list[DecodeJob], context: int | None) -> list[list[DecodeJob]]:
@@ -106,6 +112,8 @@ class BatchDecoder:
         input_ids, mask = left_pad([job.prompt_ids for job in live], self.pad_id)
         device = next(self.model.parameters()).device
         start = time.perf_counter()
+        for job in live:
+            job.started_at = start
         out = self.generate(
             input_ids.to(device), mask.to(device), [job.max_tokens for job in live], self.commit_hook(live),
             [job.sampling for job in live],

@@ -96,7 +96,7 @@ def test_staggered_arrivals_each_equal_greedy_generate(arch, mode):
         assert j.tokens == greedy(loaded, j.prompt_ids, n)
         assert j.text.text == loaded.tokenizer.decode(j.tokens, skip_special_tokens=True)
         assert j.finish_reason in ("stop", "length")
-        assert j.time_to_first_token is not None and j.time_to_first_token >= 0
+        assert 0 <= j.queue_seconds <= j.time_to_first_token
         if mode == "ar":
             assert j.forward_passes == len(j.tokens) - 1
         else:
@@ -216,6 +216,20 @@ def test_prefill_first_but_never_two_prefill_only_steps_in_a_row(char_loaded):
     plain = engine(char_loaded, block_size=4, prefill_first=False)
     plain.add(job(char_loaded, PROMPTS[0], 20))
     assert plain.step().running == 1  # the old order: admit and pass in one step
+
+
+def test_queue_time_is_the_wait_before_admission_and_the_prefill_comes_after_it(char_loaded):
+    eng = engine(char_loaded, block_size=4)
+    early, late = job(char_loaded, PROMPTS[0], 10), job(char_loaded, PROMPTS[1], 10)
+    eng.add(early)
+    eng.step()
+    eng.add(late)
+    time.sleep(0.2)  # the engine is busy elsewhere: the request waits in the queue
+    eng.run_until_idle()
+    assert early.queue_seconds < 0.2 <= late.queue_seconds
+    for j in (early, late):
+        assert j.arrived <= j.started_at < j.first_token_at  # the first token comes from a prefill after it
+        assert j.queue_seconds < j.time_to_first_token
 
 
 @pytest.mark.parametrize("mode", ["jacobi", "multiblock"])

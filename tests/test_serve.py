@@ -304,6 +304,7 @@ def test_completion_matches_greedy_generate(server, loaded):
     assert 0 < stats["forward_passes"] < usage["completion_tokens"]
     assert stats["tokens_per_forward"] >= 1.0
     assert 0 < stats["first_token_seconds"] < waited  # measured in the replica, inside the client's wait
+    assert 0 <= stats["queue_seconds"] < stats["first_token_seconds"]  # queued, then its prefill
 
 
 def test_default_max_tokens_fills_the_context(server, loaded):
@@ -350,6 +351,7 @@ def test_load_benchmark_reads_every_answer_exactly(server, loaded, stream):
     for prompt, outcome in results:
         assert outcome.text == greedy_text(loaded, prompt, 12)
         assert 0 < outcome.replica_first_token < outcome.latency <= wall
+        assert 0 <= outcome.replica_queue < outcome.replica_first_token
         if stream:
             assert outcome.replica_first_token < outcome.first_token <= outcome.latency
     assert sum(o.client_first for _, o in results) == 4
@@ -657,6 +659,7 @@ def test_the_static_engine_still_answers_exactly(static_server, loaded):
     assert [c["text"] for c in answer["choices"]] == [sampled_text(loaded, "zzz", 20, temperature=0.7, seed=s)
                                                       for s in (5, 6)]
     assert answer["jacobi_stats"]["batch_size"] == 2
+    assert 0 <= answer["jacobi_stats"]["queue_seconds"] < answer["jacobi_stats"]["first_token_seconds"]
 
 
 BAD_REQUESTS = [
