@@ -15,6 +15,7 @@ from __future__ import annotations
 import sys
 import time
 from collections import Counter
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Literal
 
@@ -74,6 +75,13 @@ def main(argv: list[str] | None = None) -> None:
     for name, part in PARTS.items():
         if hasattr(engine_module, name):  # the engine of an older checkout lacks some
             setattr(engine_module, name, timed(spent, part, getattr(engine_module, name)))
+    for name in ("ONE_BLOCK", "LANES"):  # the steps the engine calls through its row kinds
+        if (kind := getattr(engine_module, name, None)) is not None:
+            steps = {f.name: getattr(kind, f.name) for f in fields(kind)}
+            setattr(engine_module, name, replace(kind, **{
+                field: timed(spent, PARTS[fn.__name__], fn) for field, fn in steps.items()
+                if getattr(fn, "__name__", None) in PARTS
+            }))
     engine = Engine(loaded, DecodeFields(block_size=cfg.block_size), mode=cfg.mode, max_running=cfg.rows,
                     max_tokens_per_step=cfg.max_tokens_per_step)
     sent = 0

@@ -38,6 +38,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -170,6 +171,21 @@ def shrink_window(row: Row, width: int) -> None:
     row.block_len = len(row.generated) - 1 - row.block_start + width
 
 
+@dataclass(frozen=True)
+class RowKind:
+    """What a mode's rows are, and the steps of the Jacobi iteration that differ between the two kinds."""
+
+    row: type[Row]
+    begin: Callable[[Row, int, Decoding], None]  # after prefill: take the first token, open the first block(s)
+    shrink: Callable[[Row, int], None]  # fit the row's window to the step's budget
+    advance: Callable[[Row, list[int], Decoding], Any]  # commit a pass's predictions; returns what to keep
+    roll_back: Callable[[DynamicCache, torch.Tensor, list], torch.Tensor]  # drop the pass's unkept KV
+
+
+ONE_BLOCK = RowKind(Row, begin_row, shrink_window, advance_row, roll_back_cache)  # jacobi, and ar (block 1)
+LANES = RowKind(Lane, begin_lane, shrink_lane, advance_lane, roll_back_slots)  # multiblock: blocks in flight
+
+
 class Engine:
     """Step-wise continuous batching over one model; `add` and `abort` may be called from other threads."""
 
@@ -192,8 +208,8 @@ class Engine:
         self.pad_id = special.pad_id
         self.vocab_size = self.model.get_input_embeddings().num_embeddings
         self.block_size = 1 if mode == "ar" else decode.block_size
-        self.multiblock = mode == "multiblock"
-        self.blocks = MultiBlock.blocks if self.multiblock else 1  # multi-block's measured default K
+        self.kind = LANES if mode == "multiblock" else ONE_BLOCK
+        self.blocks = MultiBlock.blocks if self.kind is LANES else 1  # multi-block's measured default K
         self.explicit_masks = getattr(self.model.config, "model_type", None) not in POSITIONS_FROM_MASK
         self.init = decode.init
         self.max_running, self.max_tokens_per_step = max_running, max_tokens_per_step
@@ -207,7 +223,7 @@ class Engine:
             on_commit=self.on_commit,
             record=False,
         )
-        self.dec = MultiBlock(**settings) if self.multiblock else Decoding(**settings)
+        self.dec = MultiBlock(**settings) if self.kind is LANES else Decoding(**settings)
         self.waiting: deque[DecodeJob] = deque()
         self.lock = threading.Lock()  # guards `waiting` against `add`/`abort` from other threads
         self.running: list[Running] = []
@@ -334,14 +350,14 @@ class Engine:
         self.fit_budget(len(self.running) + len(jobs))
         for entry, token in zip(entries, first_tokens, strict=True):
             self.by_index[entry.row.index] = entry
-            (begin_lane if self.multiblock else begin_row)(entry.row, token, self.dec)
+            self.kind.begin(entry.row, token, self.dec)
         self.join(entries, cache, prompt_mask)
         return len(jobs)
 
     def new_row(self, job: DecodeJob) -> Row:
         self.next_index += 1
         pool = NgramPool(self.block_size) if self.init == "ngram" else None
-        return (Lane if self.multiblock else Row)(
+        return self.kind.row(
             index=self.next_index, prompt=list(job.prompt_ids), budget=job.max_tokens, pool=pool,
             sampling=job.sampling,
         )
@@ -351,13 +367,13 @@ class Engine:
         opened from now on get no wider, and a multi-block row opens no more blocks than fit."""
         width = window_for(self.block_size * self.blocks, rows, self.max_tokens_per_step)
         self.dec.block_size = min(self.block_size, width)
-        if self.multiblock:
+        if isinstance(self.dec, MultiBlock):
             self.dec.blocks = max(1, min(self.blocks, width // self.dec.block_size))
         return width
 
     def forward(self, cache: DynamicCache, cache_mask: torch.Tensor, rows: list[Row]) -> list[list[int]]:
         """One pass over the rows' windows: each slot's prediction."""
-        if self.multiblock:
+        if self.kind is LANES:
             return branch_forward(self.model, self.layout, cache, cache_mask, rows, self.pad_id, self.explicit_masks)
         return jacobi_forward(self.model, self.layout, cache, cache_mask, rows, self.pad_id)
 
@@ -377,7 +393,7 @@ class Engine:
         rows = [entry.row for entry in self.running]
         width = self.fit_budget(len(rows))
         for row in rows:
-            (shrink_lane if self.multiblock else shrink_window)(row, width)
+            self.kind.shrink(row, width)
         stats.running, stats.window = len(rows), width
         stats.slots = len(rows) * max(len(row.window) for row in rows)
         committed_before = sum(len(row.generated) for row in rows)
@@ -387,12 +403,8 @@ class Engine:
             if self.fail_culprits():
                 return
             raise
-        if self.multiblock:
-            kept = [advance_lane(row, preds, self.dec) for row, preds in zip(rows, predictions, strict=True)]
-            self.cache_mask = roll_back_slots(self.cache, self.cache_mask, kept)
-        else:
-            kept = [advance_row(row, preds, self.dec) for row, preds in zip(rows, predictions, strict=True)]
-            self.cache_mask = roll_back_cache(self.cache, self.cache_mask, kept)
+        kept = [self.kind.advance(row, preds, self.dec) for row, preds in zip(rows, predictions, strict=True)]
+        self.cache_mask = self.kind.roll_back(self.cache, self.cache_mask, kept)
         stats.committed = sum(len(row.generated) for row in rows) - committed_before
         for entry in self.running:
             entry.job.batch_size = max(entry.job.batch_size, len(rows))
