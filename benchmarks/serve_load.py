@@ -39,7 +39,7 @@ from typing import Literal
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 import aiohttp  # noqa: E402
-from pydantic import Field  # noqa: E402
+from pydantic import Field, model_validator  # noqa: E402
 
 from cllm.config import StageConfig, load_config  # noqa: E402
 from cllm.tasks import arith  # noqa: E402
@@ -68,6 +68,13 @@ class LoadConfig(StageConfig):
     num_cpus: float = Field(1.0, ge=0)  # per replica
     seed: int = 0
     request_timeout_s: float = Field(300.0, gt=0)
+
+    @model_validator(mode="after")
+    def _fits_the_server(self):
+        if self.max_ongoing_requests < self.max_batch_size:  # the server refuses it too (ServeOptions)
+            raise ValueError(f"--max-ongoing-requests ({self.max_ongoing_requests}) must be >= --max-batch-size "
+                             f"({self.max_batch_size})")
+        return self
 
 
 @dataclass
@@ -258,7 +265,7 @@ def start_servers(cfg: LoadConfig) -> dict[str, str]:
             "block_size": cfg.block_size,
             "init": cfg.init,
             "max_batch_size": cfg.max_batch_size,
-            "max_ongoing_requests": max(cfg.max_ongoing_requests, cfg.max_batch_size),
+            "max_ongoing_requests": cfg.max_ongoing_requests,
             "num_cpus": cfg.num_cpus,
             "seed": cfg.seed,
         }

@@ -346,6 +346,8 @@ def test_load_benchmark_reads_every_answer_exactly(server, loaded, stream):
     serve_load = sys.modules.setdefault("serve_load", importlib.util.module_from_spec(spec))
     spec.loader.exec_module(serve_load)
     cfg = serve_load.LoadConfig(requests_per_client=2, max_tokens=12, stream=stream)
+    with pytest.raises(ValueError, match="max-ongoing-requests"):  # refused, as the server would refuse it
+        serve_load.LoadConfig(max_ongoing_requests=4, max_batch_size=8)
     results, wall = asyncio.run(serve_load.run_load(server, cfg, MODEL_NAME, PROMPTS, 4))
     assert len(results) == 8 and [o.error for _, o in results] == [None] * 8
     for prompt, outcome in results:
