@@ -3,11 +3,14 @@
 
     python benchmarks/engine_step.py --model outputs/default/cllm
     python benchmarks/engine_step.py --model builtin --rows 4 --mode jacobi
+    python benchmarks/engine_step.py --model outputs/default/cllm --rows 4 --static --prefill-groups 1,4,16
 
 It prints the mean milliseconds per step and the share of each part: the forward passes (the model),
 prefills of joining requests, the cache work around them (rows joining, leaving, columns dropped), and
 the per-row bookkeeping. The parts are timed by wrapping the engine's functions, so their sum is a little
-below the step time (the rest is the step's own glue).
+below the step time (the rest is the step's own glue). `--static` also decodes the same prompts in
+static batches of `rows` (the static engine's `BatchDecoder`, each batch to its end) for tokens/s side by
+side; `--prefill-groups` times the prefill of that many prompts together (what admitting them costs).
 """
 
 from __future__ import annotations
@@ -26,10 +29,12 @@ from pydantic import Field  # noqa: E402
 
 import cllm.engine as engine_module  # noqa: E402
 from cllm.config import StageConfig, load_config  # noqa: E402
-from cllm.decoding import DecodeFields  # noqa: E402
+from cllm.decoding import DecodeFields, left_pad  # noqa: E402
 from cllm.engine import Engine  # noqa: E402
+from cllm.jacobi import prefill  # noqa: E402
+from cllm.kv_cache import check_supported  # noqa: E402
 from cllm.models import load_model  # noqa: E402
-from cllm.serving import DecodeJob  # noqa: E402
+from cllm.serving import BatchDecoder, DecodeJob  # noqa: E402
 from cllm.streaming import TextStream  # noqa: E402
 from cllm.tasks import arith  # noqa: E402
 from cllm.teacher import resolve_model  # noqa: E402
@@ -53,6 +58,8 @@ class StepConfig(StageConfig):
     warmup_steps: int = Field(60, ge=0)
     steps: int = Field(300, ge=1)
     threads: int = Field(1, ge=1)
+    static: bool = False  # also: the same prompts in static batches of `rows`
+    prefill_groups: list[int] = []  # also: the prefill of this many prompts together
 
 
 def timed(spent: Counter, part: str, fn):
@@ -97,15 +104,48 @@ def main(argv: list[str] | None = None) -> None:
         keep_full()
         engine.step()
     spent.clear()
-    committed, start = 0, time.perf_counter()
+    committed, admitted, start = 0, 0, time.perf_counter()
     for _ in range(cfg.steps):
         keep_full()
-        committed += engine.step().committed
+        stats = engine.step()
+        committed, admitted = committed + stats.committed, admitted + stats.admitted
     total = time.perf_counter() - start
     print(f"{cfg.mode}, {cfg.rows} rows, block {cfg.block_size}, budget {cfg.max_tokens_per_step}: "
-          f"{1000 * total / cfg.steps:.2f} ms/step, {committed / total:.0f} tokens/s committed by passes")
+          f"{1000 * total / cfg.steps:.2f} ms/step, {committed / total:.0f} tokens/s committed by passes, "
+          f"{(committed + admitted) / total:.0f} with the first tokens from prefill")
     for part, seconds in spent.most_common():
         print(f"  {part:26s} {1000 * seconds / cfg.steps:6.2f} ms/step  {100 * seconds / total:5.1f}%")
+    if cfg.static:
+        static_batches(cfg, loaded, prompts)
+    for size in cfg.prefill_groups:
+        prefill_group(loaded, prompts[:size])
+
+
+def static_batches(cfg: StepConfig, loaded, prompts: list[str]) -> None:
+    """The same prompts, `rows` at a time, each batch decoded to its end (the static engine)."""
+    decoder = BatchDecoder(loaded, DecodeFields(block_size=cfg.block_size), mode=cfg.mode)
+    jobs = [DecodeJob(prompt_ids=loaded.tokenizer(p)["input_ids"], max_tokens=cfg.max_tokens,
+                      text=TextStream(loaded.tokenizer)) for p in prompts]
+    decoder.decode(jobs[: cfg.rows])  # warm-up
+    start = time.perf_counter()
+    for i in range(0, len(jobs), cfg.rows):
+        decoder.decode(jobs[i : i + cfg.rows])
+    total = time.perf_counter() - start
+    print(f"static batches of {cfg.rows}: {sum(len(j.tokens) for j in jobs) / total:.0f} tokens/s "
+          f"(first tokens included)")
+
+
+def prefill_group(loaded, prompts: list[str], repeats: int = 20) -> None:
+    ids, mask = left_pad([loaded.tokenizer(p)["input_ids"] for p in prompts], 0)
+    layout = check_supported(loaded.model)
+    with torch.inference_mode():
+        prefill(loaded.model, layout, ids, mask.bool())
+        start = time.perf_counter()
+        for _ in range(repeats):
+            prefill(loaded.model, layout, ids, mask.bool())
+    seconds = (time.perf_counter() - start) / repeats
+    print(f"prefill of {len(prompts)} prompt(s) together ({ids.shape[1]} tokens wide): {1000 * seconds:.2f} ms, "
+          f"{1000 * seconds / len(prompts):.2f} ms per prompt")
 
 
 if __name__ == "__main__":
