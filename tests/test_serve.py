@@ -632,6 +632,29 @@ def test_a_client_that_leaves_frees_its_row_long_before_its_decode_would_end(ser
     assert time.monotonic() - left < 0.5 * full_decode
 
 
+def test_proxy_floor_streams_like_the_server_with_no_model(server):
+    """benchmarks/proxy_floor.py's deployment: the load client reads its paced answers as the server's."""
+    import asyncio
+    import importlib.util
+
+    bench = Path(__file__).parents[1] / "benchmarks"
+    sys.path.insert(0, str(bench))
+    spec = importlib.util.spec_from_file_location("proxy_floor", bench / "proxy_floor.py")
+    floor = sys.modules.setdefault("proxy_floor", importlib.util.module_from_spec(spec))
+    spec.loader.exec_module(floor)
+    ray.cloudpickle.register_pickle_by_value(floor)  # the replica cannot import it by name
+    serve.run(floor.Paced.options(ray_actor_options={"num_cpus": 0}).bind(5, 0.02), name="paced",
+              route_prefix="/paced")
+    try:
+        load = floor.serve_load.LoadConfig(requests_per_client=2, max_tokens=5)
+        results, wall = asyncio.run(floor.serve_load.run_load(server + "/paced", load, "paced", ["-"], 3))
+    finally:
+        serve.delete("paced")
+    assert len(results) == 6 and all(o.error is None and o.text == "xxxxx" and o.tokens == 5 for _, o in results)
+    for _, outcome in results:
+        assert outcome.first_token < outcome.latency and outcome.latency >= 0.08  # four events 20 ms apart
+
+
 @pytest.fixture(scope="module")
 def static_server(server, model_dir):
     """The same model with the static engine (`@serve.batch`, each batch decoded to its end), as a second app."""
