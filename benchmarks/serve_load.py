@@ -53,7 +53,6 @@ class LoadConfig(StageConfig):
     engines: list[Literal["continuous", "static"]] = ["continuous", "static"]
     max_tokens_per_step: int = Field(256, ge=1)  # continuous engine's per-pass token budget
     prefill_first: bool = True  # continuous engine: a step that admits requests runs no pass
-    prefill_ahead: bool = True  # continuous engine: requests arriving during a step are prefilled meanwhile
     stream_interval_s: float = Field(0.0, ge=0)  # the server's: at most one write per request per interval
     concurrency: list[int] = [1, 16]
     requests_per_client: int = Field(4, ge=1)
@@ -261,7 +260,6 @@ def start_servers(cfg: LoadConfig) -> dict[str, str]:
             "engine": engine,
             "max_tokens_per_step": cfg.max_tokens_per_step,
             "prefill_first": cfg.prefill_first,
-            "prefill_ahead": cfg.prefill_ahead,
             "stream_interval_s": cfg.stream_interval_s,
             "model_name": cfg.model_name,
             "block_size": cfg.block_size,

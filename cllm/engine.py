@@ -83,19 +83,6 @@ class Running:
     job: DecodeJob
     row: Row
     admitted_at: float
-    # its first token went out at its prefill; until the row takes it: whether it ended the request
-    first_stopped: bool | None = None
-
-
-@dataclass
-class Prefilled:
-    """Requests whose prefill is done and whose first tokens went out; a step joins their cache rows."""
-
-    jobs: list[DecodeJob]
-    cache: DynamicCache
-    prompt_mask: torch.Tensor
-    first_tokens: list[int]
-    stopped: list[bool]  # the first token ended the request (stop sequence, client gone, its own failure)
 
 
 def holds(layer) -> bool:
@@ -238,9 +225,7 @@ class Engine:
         )
         self.dec = MultiBlock(**settings) if self.kind is LANES else Decoding(**settings)
         self.waiting: deque[DecodeJob] = deque()
-        self.ready: list[Prefilled] = []  # prefilled ahead (`prefill_ahead`), joined at the next step
-        self.prefilling = 0  # requests taken by `prefill_ahead` and not yet ready
-        self.lock = threading.Lock()  # guards `waiting`, `ready` and `prefilling` across threads
+        self.lock = threading.Lock()  # guards `waiting` against `add`/`abort` from other threads
         self.running: list[Running] = []
         self.by_index: dict[int, Running] = {}
         self.cache: DynamicCache | None = None
@@ -272,7 +257,7 @@ class Engine:
         job.cancelled = True
 
     def has_work(self) -> bool:
-        return bool(self.running or self.waiting or self.ready)
+        return bool(self.running or self.waiting)
 
     @property
     def num_waiting(self) -> int:
@@ -325,50 +310,22 @@ class Engine:
             if entry.job.cancelled:
                 entry.row.done = True
 
-    def take_waiting(self, ahead: bool = False) -> list[DecodeJob]:
-        """As many queued requests as fit: at most `max_running` rows, and one window slot each in the budget
-        (counting those prefilled ahead); `ahead`: they count as being prefilled until they are ready."""
+    def take_waiting(self) -> list[DecodeJob]:
+        """As many queued requests as fit: at most `max_running` rows, and one window slot each in the budget."""
+        room = min(self.max_running, self.max_tokens_per_step) - len(self.running)
         taken: list[DecodeJob] = []
         with self.lock:
-            joining = sum(len(group.jobs) for group in self.ready) + self.prefilling
-            room = min(self.max_running, self.max_tokens_per_step) - len(self.running) - joining
             while self.waiting and len(taken) < room:
                 taken.append(self.waiting.popleft())
-            if ahead:
-                self.prefilling += len(taken)
         return taken
 
     def admit_waiting(self) -> int:
-        """Join the requests prefilled ahead, then prefill those still queued and join them too."""
-        joined = 0
-        with self.lock:  # held while joining, so `take_waiting` never sees a group in neither place
-            while self.ready:
-                joined += self.join_prefilled(self.ready.pop(0))
+        """Prefill the newcomers together in a cache of their own, then merge their rows into the running cache."""
         jobs = self.take_waiting()
-        return joined + (self.admit(jobs) if jobs else 0)
+        return self.admit(jobs) if jobs else 0
 
     def admit(self, jobs: list[DecodeJob]) -> int:
-        return sum(self.join_prefilled(group) for group in self.prefill_jobs(jobs))
-
-    def prefill_ahead(self) -> int:
-        """Prefill queued requests while a step runs in another thread (`EngineThread`): their first tokens
-        go out now instead of after that step, and the next step only joins their cache rows."""
-        jobs = self.take_waiting(ahead=True)
-        if not jobs:
-            return 0
-        try:
-            with torch.inference_mode():
-                groups = self.prefill_jobs(jobs)
-            with self.lock:
-                self.ready.extend(groups)
-        finally:
-            with self.lock:
-                self.prefilling -= len(jobs)
-        return len(jobs)
-
-    def prefill_jobs(self, jobs: list[DecodeJob]) -> list[Prefilled]:
-        """Prefill a group and send each request its first token; if the group's prefill fails, each request
-        alone, so one that cannot prefill fails by itself."""
+        """Admit a group; if its prefill fails, each request alone, so one that cannot prefill fails by itself."""
         device = next(self.model.parameters()).device
         started = time.perf_counter()
         for job in jobs:
@@ -383,25 +340,19 @@ class Engine:
             if len(jobs) > 1:
                 logger.warning("prefill of %d requests failed (%s: %s); admitting them one by one",
                                len(jobs), type(err).__name__, err)
-                return [group for job in jobs for group in self.prefill_jobs([job])]
+                return sum(self.admit([job]) for job in jobs)
             logger.exception("prefill failed; failing its request")
             jobs[0].error = f"{type(err).__name__}: {err}"
             self.end(jobs[0])
-            return []
-        stopped = [deliver(job, [token]) for job, token in zip(jobs, first_tokens, strict=True)]
-        return [Prefilled(jobs, cache, prompt_mask, first_tokens, stopped)]
-
-    def join_prefilled(self, group: Prefilled) -> int:
-        """The group's requests become rows (each takes its first token) and their cache rows join."""
+            return 0
         now = time.perf_counter()
-        entries = [Running(job, self.new_row(job), now, first_stopped=stop)
-                   for job, stop in zip(group.jobs, group.stopped, strict=True)]
-        self.fit_budget(len(self.running) + len(entries))
-        for entry, token in zip(entries, group.first_tokens, strict=True):
+        entries = [Running(job, self.new_row(job), now) for job in jobs]
+        self.fit_budget(len(self.running) + len(jobs))
+        for entry, token in zip(entries, first_tokens, strict=True):
             self.by_index[entry.row.index] = entry
             self.kind.begin(entry.row, token, self.dec)
-        self.join(entries, group.cache, group.prompt_mask)
-        return len(entries)
+        self.join(entries, cache, prompt_mask)
+        return len(jobs)
 
     def new_row(self, job: DecodeJob) -> Row:
         self.next_index += 1
@@ -459,12 +410,8 @@ class Engine:
             entry.job.batch_size = max(entry.job.batch_size, len(rows))
 
     def on_commit(self, index: int, tokens: list[int]) -> bool:
-        """`Decoding.on_commit`: route a row's final tokens to its request (the first went out at its prefill)."""
-        entry = self.by_index[index]
-        if entry.first_stopped is not None:
-            stopped, entry.first_stopped = entry.first_stopped, None
-            return stopped or entry.job.cancelled
-        return deliver(entry.job, tokens)
+        """`Decoding.on_commit`: route a row's final tokens to its request."""
+        return deliver(self.by_index[index].job, tokens)
 
     def retire(self) -> int:
         """Finished rows leave the cache now; their requests end (text flushed, reason named, caller told)."""
@@ -543,35 +490,22 @@ class EngineThread:
     has run everything queued before it, and under load the loop is busy streaming every request's text:
     the engine then idles between passes while newcomers wait for their prefill. Here the next step
     starts the moment the last one ends; the caller's loop only adds requests and receives their output.
-
-    With `prefill_ahead`, a second thread prefills the requests that arrive while a step runs, at once
-    (`Engine.prefill_ahead`): their first tokens do not wait for the step to end, and the next step only
-    joins their cache rows. Torch releases the GIL inside operators, so the two threads use two cores
-    where the machine has them free.
     """
 
     _names = itertools.count(1)
 
-    def __init__(self, engine: Engine, on_step: Callable[[StepStats], None] | None = None, prefill_ahead: bool = False):
+    def __init__(self, engine: Engine, on_step: Callable[[StepStats], None] | None = None):
         self.engine = engine
         self.on_step = on_step  # called in this thread after every step; hand off to another thread if slow
         self.wake = threading.Event()
-        self.arrived = threading.Event()  # a request was added (wakes the prefill thread)
-        self.stepping = False
         self.stopping = False
-        number = next(self._names)
-        self.thread = threading.Thread(target=self.run, name=f"cllm-engine-{number}", daemon=True)
-        self.prefiller = None
-        if prefill_ahead:
-            self.prefiller = threading.Thread(target=self.prefill_loop, name=f"cllm-prefill-{number}", daemon=True)
-            self.prefiller.start()
+        self.thread = threading.Thread(target=self.run, name=f"cllm-engine-{next(self._names)}", daemon=True)
         self.thread.start()
 
     def add(self, job: DecodeJob) -> None:
         """`Engine.add` (its refusals raise here, in the caller's thread), then wake the loop."""
         self.engine.add(job)
         self.wake.set()
-        self.arrived.set()
 
     def abort(self, job: DecodeJob) -> None:
         self.engine.abort(job)
@@ -583,36 +517,19 @@ class EngineThread:
                 self.wake.wait()
                 self.wake.clear()  # a request added from here on is seen by has_work() above
                 continue
-            self.stepping = True
             try:
                 stats = self.engine.step()
                 if self.on_step is not None:
                     self.on_step(stats)
             except Exception:  # step() fails the requests concerned itself; this keeps serving the rest
                 logger.exception("engine step failed")
-            finally:
-                self.stepping = False
-
-    def prefill_loop(self) -> None:
-        """While a step runs, prefill what waits; between steps the step itself admits (no race for it)."""
-        while not self.stopping:
-            self.arrived.wait()
-            self.arrived.clear()
-            try:
-                while self.stepping and not self.stopping and self.engine.prefill_ahead():
-                    self.wake.set()  # ready to join (the engine may have gone idle meanwhile)
-            except Exception:  # prefill_jobs fails the requests concerned itself
-                logger.exception("prefilling ahead failed")
 
     @property
     def alive(self) -> bool:
-        return self.thread.is_alive() and (self.prefiller is None or self.prefiller.is_alive())
+        return self.thread.is_alive()
 
     def stop(self, timeout: float | None = None) -> None:
-        """End the loops after the current step (requests still in the engine are left as they are)."""
+        """End the loop after the current step (requests still in the engine are left as they are)."""
         self.stopping = True
         self.wake.set()
-        self.arrived.set()
         self.thread.join(timeout)
-        if self.prefiller is not None:
-            self.prefiller.join(timeout)

@@ -85,9 +85,6 @@ class ServeOptions(BaseModel):
     # continuous: a step that admits requests runs no pass (their first tokens come sooner; the running
     # rows wait one prefill, never two in a row)
     prefill_first: bool = True
-    # continuous: requests that arrive while a step runs are prefilled meanwhile, in a second thread, so
-    # their first tokens do not wait for the step (the replica then uses a second core when one is free)
-    prefill_ahead: bool = True
     batch_wait_timeout_s: float = Field(0.01, ge=0)
     # requests a replica accepts: those past max_batch_size wait in its queue and join between steps.
     # Near max_batch_size they would wait in the proxy's router instead, which retries with backoff and
@@ -398,8 +395,7 @@ class JacobiServer:
 
         job.on_done = lambda: loop.call_soon_threadsafe(resolve)
         if self.stepper is None:
-            self.stepper = EngineThread(self.engine, on_step=self.step_recorder(self.engine, loop),
-                                        prefill_ahead=self.config.prefill_ahead)
+            self.stepper = EngineThread(self.engine, on_step=self.step_recorder(self.engine, loop))
         self.stepper.add(job)
         return ended
 
