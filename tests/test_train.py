@@ -131,25 +131,39 @@ def test_training_is_reproducible_whatever_files_hold_the_records(local_ray, tin
     assert all(torch.equal(one_file[k], many_files[k]) for k in one_file)
 
 
+def crash_once(marker: Path, step: int):
+    """A step callback: rank 0 crashes after `step`, before its checkpoint; the marker keeps the retry going."""
+
+    class CrashOnce:  # defined in a function so Ray ships it to the workers by value
+        def __call__(self, taken: int, rank: int) -> None:
+            if rank == 0 and taken == step and not marker.exists():
+                marker.touch()
+                raise RuntimeError(f"injected worker failure at step {step}")
+
+    return CrashOnce()
+
+
+@pytest.mark.slow
+def test_a_run_resumed_mid_epoch_trains_the_weights_of_one_never_stopped(local_ray, tiny_model_dir, tmp_path):
+    """After a resume, each batch draws the same trajectory states as in a run that went through, so the
+    retried run ends with the same weights, bit for bit."""
+    data = write_trajectories(tmp_path / "traj.parquet", n_prompts=16)  # 32 rows: 4 steps an epoch per worker
+    settings = dict(max_steps=4, shuffle_buffer=8, checkpoint_every=1, max_failures=2)
+    through = run_training(config_for(tmp_path / "through", tiny_model_dir, data, **settings))
+    resumed = run_training(config_for(tmp_path / "resumed", tiny_model_dir, data, **settings),
+                           step_callback=crash_once(tmp_path / "crashed", step=3))
+    assert (tmp_path / "crashed").exists() and resumed.metrics["start_step"] == 2  # the middle of epoch 0
+    expected, got = weights(through.model_dir), weights(resumed.model_dir)
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+
 @pytest.mark.slow
 def test_worker_failure_is_retried_from_the_last_checkpoint(local_ray, tiny_model_dir, tmp_path):
     data = write_ar_records(tmp_path / "ar.parquet")
     # max_failures=2: under heavy load Ray Train 2.60 can lose the restarted group to the old placement
     # group's removal (seen once in a full run); that spurious restart also resumes from the step-1 checkpoint
     config = config_for(tmp_path, tiny_model_dir, data, objective="ar", max_steps=3, max_failures=2)
-
-    class CrashOnce:  # defined here so Ray ships it to the workers by value
-        """Rank 0 crashes after step 2, before its checkpoint; a marker file keeps the retry from crashing."""
-
-        def __init__(self, marker: Path):
-            self.marker = marker
-
-        def __call__(self, step: int, rank: int) -> None:
-            if rank == 0 and step == 2 and not self.marker.exists():
-                self.marker.touch()
-                raise RuntimeError("injected worker failure at step 2")
-
-    result = run_training(config, step_callback=CrashOnce(tmp_path / "crashed"))
+    result = run_training(config, step_callback=crash_once(tmp_path / "crashed", step=2))
     assert (tmp_path / "crashed").exists()
     assert result.metrics["step"] == 3
     assert result.metrics["start_step"] == 1  # the retry resumed from the step-1 checkpoint

@@ -29,7 +29,9 @@ StepCallback = Callable[[int, int], None]  # (step just taken, worker rank); tes
 
 
 def record_batches(shard, config: TrainConfig, plan: StepPlan, start_step: int):
-    """Yield (epoch, list of record dicts), skipping the batches a resumed run has already trained on."""
+    """Yield (epoch, list of record dicts, trained) from the epoch a run resumes in; `trained`: a batch it
+    trained on before its checkpoint (the caller only draws its trajectory states again, so the batches
+    after it draw the states they would have drawn in a run never stopped)."""
     first_epoch = start_step // plan.steps_per_epoch
     window = config.batch_size * max(1, config.length_window)
     for epoch in range(first_epoch, plan.epochs):
@@ -43,8 +45,7 @@ def record_batches(shard, config: TrainConfig, plan: StepPlan, start_step: int):
         rng = random.Random(f"{config.seed}-{epoch}") if config.length_window else None
         batches = (batch for table in tables for batch in split_batches(table.to_pylist(), config.batch_size, rng))
         for index, records in enumerate(batches):
-            if index >= skip:
-                yield epoch, records
+            yield epoch, records, index < skip
 
 
 def split_batches(rows: list[dict], batch_size: int, rng: random.Random | None) -> list[list[dict]]:
@@ -185,11 +186,14 @@ def train_loop(loop_config: dict) -> None:
 
     shard = ray.train.get_dataset_shard("train")
     state_picks = {}  # epoch -> random.Random: reproducible, different across workers and epochs
-    for epoch, records in record_batches(shard, config, plan, start_step):
+    for epoch, records, trained in record_batches(shard, config, plan, start_step):
         if engine.step >= plan.total_steps:
             break
         if epoch not in state_picks:
             state_picks[epoch] = random.Random(f"{config.seed}-{rank}-{epoch}")
+        if trained:  # before the checkpoint: its draws only, so the next batch's are those of a run never stopped
+            make_batch(records, config, tokens, state_picks[epoch], "cpu")
+            continue
         batch = make_batch(records, config, tokens, state_picks[epoch], device)
         with engine.autocast():
             parts = compute_loss(engine.model, batch, config)
