@@ -134,6 +134,17 @@ def drop_rows(cache: DynamicCache, cache_mask: torch.Tensor, done: list[bool]) -
     return order, cache_mask[order]
 
 
+def row_alone(cache: DynamicCache, row: int) -> DynamicCache:
+    """A cache of its own for one row: a copy of that row only (a deep copy of the cache would copy every
+    row and the spare buffers, which at real sizes may not fit beside the cache)."""
+    alone = copy.copy(cache)
+    alone.layers = [
+        ReservedLayer(layer.keys[row : row + 1], layer.values[row : row + 1]) if holds(layer)
+        else copy.deepcopy(layer) for layer in cache.layers
+    ]
+    return alone
+
+
 def compact(cache: DynamicCache, cache_mask: torch.Tensor, max_holes: float = 0.25) -> torch.Tensor:
     """Drop the columns no live row attends to: holes every row has, and columns of rows that left.
 
@@ -445,10 +456,8 @@ class Engine:
                 layer.crop(width - layer.keys.shape[-2])
         culprits = {}
         for i, entry in enumerate(self.running):
-            alone = copy.deepcopy(self.cache)
-            alone.batch_select_indices(torch.tensor([i], device=self.cache_mask.device))
             try:
-                self.forward(alone, self.cache_mask[i : i + 1], [entry.row])
+                self.forward(row_alone(self.cache, i), self.cache_mask[i : i + 1], [entry.row])
             except Exception as err:
                 culprits[i] = f"{type(err).__name__}: {err}"
         for i, error in culprits.items():

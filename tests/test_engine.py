@@ -11,7 +11,7 @@ import torch
 from conftest import BYTE_VOCAB, byte_level_tokenizer, char_tokenizer, tiny_model
 
 from cllm.decoding import DecodeFields
-from cllm.engine import Engine, EngineThread, window_for
+from cllm.engine import Engine, EngineThread, layer_tensors, row_alone, window_for
 from cllm.models import LoadedModel
 from cllm.serving import DecodeJob
 from cllm.streaming import TextStream
@@ -380,6 +380,24 @@ def test_a_row_that_breaks_the_pass_fails_alone_and_the_others_stay_exact(char_l
     eng.run_until_idle()
     for i in (0, 2):
         assert jobs[i].error is None and jobs[i].tokens == greedy(char_loaded, jobs[i].prompt_ids, 24)
+
+
+def test_a_row_alone_is_a_copy_of_that_row_only(char_loaded):
+    """What a row is retried on after a failed pass: its own cache row, copied; the shared cache untouched."""
+    eng = engine(char_loaded, block_size=4)
+    for p in PROMPTS[:3]:
+        eng.add(job(char_loaded, p, 24))
+    eng.step()
+    eng.step()
+    shared = [(layer.keys.clone(), layer.values.clone()) for layer in layer_tensors(eng.cache)]
+    alone = row_alone(eng.cache, 1)
+    for layer, (keys, values) in zip(layer_tensors(alone), shared, strict=True):
+        assert torch.equal(layer.keys, keys[1:2]) and torch.equal(layer.values, values[1:2])
+        assert layer.key_buffer.shape[0] == 1  # no other row, no spare rows
+    eng.forward(alone, eng.cache_mask[1:2], [eng.running[1].row])  # writes its window into the copy only
+    for layer, (keys, values) in zip(layer_tensors(eng.cache), shared, strict=True):
+        assert torch.equal(layer.keys, keys) and torch.equal(layer.values, values)
+    assert layer_tensors(alone)[0].keys.shape[-2] > shared[0][0].shape[-2]
 
 
 def test_a_request_that_cannot_fit_is_refused_before_it_joins(char_loaded):
