@@ -55,7 +55,7 @@ from cllm.jacobi import (
     prefill,
     roll_back_cache,
 )
-from cllm.kv_cache import POSITIONS_FROM_MASK, ReservedLayer, check_supported
+from cllm.kv_cache import ReservedLayer, check_supported
 from cllm.models import LoadedModel, context_length
 from cllm.multiblock import Lane, MultiBlock, advance_lane, begin_lane, branch_forward, roll_back_slots, shrink_lane
 from cllm.serving import DecodeJob, Mode, deliver, finish_job
@@ -221,7 +221,6 @@ class Engine:
         self.block_size = 1 if mode == "ar" else decode.block_size
         self.kind = LANES if mode == "multiblock" else ONE_BLOCK
         self.blocks = MultiBlock.blocks if self.kind is LANES else 1  # multi-block's measured default K
-        self.explicit_masks = getattr(self.model.config, "model_type", None) not in POSITIONS_FROM_MASK
         self.init = decode.init
         self.max_running, self.max_tokens_per_step = max_running, max_tokens_per_step
         settings = dict(
@@ -385,7 +384,7 @@ class Engine:
     def forward(self, cache: DynamicCache, cache_mask: torch.Tensor, rows: list[Row]) -> list[list[int]]:
         """One pass over the rows' windows: each slot's prediction."""
         if self.kind is LANES:
-            return branch_forward(self.model, self.layout, cache, cache_mask, rows, self.pad_id, self.explicit_masks)
+            return branch_forward(self.model, self.layout, cache, cache_mask, rows, self.pad_id)
         return jacobi_forward(self.model, self.layout, cache, cache_mask, rows, self.pad_id)
 
     def join(self, entries: list[Running], cache: DynamicCache, prompt_mask: torch.Tensor) -> None:

@@ -38,6 +38,9 @@ class AttentionLayout:
     sliding_window: int | None  # None when no layer slides
     implementation: str
     dtype: torch.dtype
+    # False for families that number positions from the 2-D mask (`POSITIONS_FROM_MASK`): a 4-D mask
+    # cannot describe multi-block branches to them
+    explicit_masks: bool = True
 
     @property
     def slides(self) -> bool:
@@ -127,7 +130,8 @@ def check_supported(model) -> AttentionLayout:
     if window is not None and implementation not in EXPLICIT_MASK_IMPLEMENTATIONS:
         raise refuse(model, f"its sliding window needs explicit 4-D masks, which the {implementation!r} attention "
                             f"implementation does not take; load it with attn_implementation='sdpa' or 'eager'")
-    return AttentionLayout(tuple(layer_types), window, implementation, model.dtype)
+    explicit_masks = getattr(model.config, "model_type", None) not in POSITIONS_FROM_MASK
+    return AttentionLayout(tuple(layer_types), window, implementation, model.dtype, explicit_masks)
 
 
 def new_cache(model) -> DynamicCache:

@@ -67,7 +67,7 @@ from cllm.jacobi import (
     sampling_per_row,
     validate_arguments,
 )
-from cllm.kv_cache import POSITIONS_FROM_MASK, AttentionLayout, as_attention_mask, check_supported
+from cllm.kv_cache import AttentionLayout, as_attention_mask, check_supported
 from cllm.models import cache_keyword
 from cllm.sampling import SamplingParams, choose_tokens
 
@@ -194,16 +194,15 @@ def branch_mask(
 
 def branch_forward(
     model, layout: AttentionLayout, cache: DynamicCache, cache_mask: torch.Tensor, lanes: list[Lane], pad_token_id: int,
-    explicit_masks: bool = True,
 ) -> list[list[int]]:
     """One pass over every row's window and recycled branches; the prediction (greedy or sampled) at each slot.
 
     The 4-D mask is built here even when no row has a branch: transformers takes a 4-D mask as it is,
     which spares it building its own from the 2-D one on every pass (see benchmarks/pass_cost.py). A
-    family that numbers positions from the 2-D mask (`explicit_masks=False`, never given branches) takes
+    family that numbers positions from the 2-D mask (`layout.explicit_masks` False, never given branches) takes
     the plain `jacobi_forward`.
     """
-    if not explicit_masks:
+    if not layout.explicit_masks:
         return jacobi_forward(model, layout, cache, cache_mask, lanes, pad_token_id)
     width = max(len(lane.window) + sum(map(len, lane.branches)) for lane in lanes)
     tokens, branch, depth = map(list, zip(*(branch_layout(lane, width, pad_token_id) for lane in lanes), strict=True))
@@ -338,8 +337,7 @@ def multiblock_generate(
         raise ValueError(f"spawn_after must be a fraction in [0, 1], got {spawn_after!r}")
     if isinstance(recycle, bool) or not isinstance(recycle, int) or recycle < 0:
         raise ValueError(f"recycle must be an integer >= 0, got {recycle!r}")
-    explicit_masks = getattr(model.config, "model_type", None) not in POSITIONS_FROM_MASK
-    if not explicit_masks:
+    if not layout.explicit_masks:
         recycle = 0  # its positions come from the 2-D mask, which cannot describe branches
     eos_ids = eos_set(eos_token_id)
     if pad_token_id is None:
@@ -372,7 +370,7 @@ def multiblock_generate(
     while live:
         for lane in live:
             lane.branches = recycled(lane, dec)
-        predictions = branch_forward(model, layout, cache, cache_mask, live, pad_token_id, explicit_masks)
+        predictions = branch_forward(model, layout, cache, cache_mask, live, pad_token_id)
         forward_passes += 1
         kept = [advance_lane(lane, preds, dec) for lane, preds in zip(live, predictions, strict=True)]
         cache_mask = roll_back_slots(cache, cache_mask, kept)
