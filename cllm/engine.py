@@ -187,14 +187,15 @@ class RowKind:
     """What a mode's rows are, and the steps of the Jacobi iteration that differ between the two kinds."""
 
     row: type[Row]
+    decoding: type[Decoding]  # the settings every row's update reads (MultiBlock adds blocks in flight)
     begin: Callable[[Row, int, Decoding], None]  # after prefill: take the first token, open the first block(s)
     shrink: Callable[[Row, int], None]  # fit the row's window to the step's budget
     advance: Callable[[Row, list[int], Decoding], Any]  # commit a pass's predictions; returns what to keep
     roll_back: Callable[[DynamicCache, torch.Tensor, list], torch.Tensor]  # drop the pass's unkept KV
 
 
-ONE_BLOCK = RowKind(Row, begin_row, shrink_window, advance_row, roll_back_cache)  # jacobi, and ar (block 1)
-LANES = RowKind(Lane, begin_lane, shrink_lane, advance_lane, roll_back_slots)  # multiblock: blocks in flight
+ONE_BLOCK = RowKind(Row, Decoding, begin_row, shrink_window, advance_row, roll_back_cache)  # jacobi; ar: block 1
+LANES = RowKind(Lane, MultiBlock, begin_lane, shrink_lane, advance_lane, roll_back_slots)  # multiblock
 
 
 class Engine:
@@ -220,7 +221,6 @@ class Engine:
         self.vocab_size = self.model.get_input_embeddings().num_embeddings
         self.block_size = 1 if mode == "ar" else decode.block_size
         self.kind = LANES if mode == "multiblock" else ONE_BLOCK
-        self.blocks = MultiBlock.blocks if self.kind is LANES else 1  # multi-block's measured default K
         self.init = decode.init
         self.max_running, self.max_tokens_per_step = max_running, max_tokens_per_step
         settings = dict(
@@ -233,7 +233,8 @@ class Engine:
             on_commit=self.on_commit,
             record=False,
         )
-        self.dec = MultiBlock(**settings) if self.kind is LANES else Decoding(**settings)
+        self.dec = self.kind.decoding(**settings)
+        self.blocks = getattr(self.dec, "blocks", 1)  # most blocks in flight: multi-block's measured default K
         self.waiting: deque[DecodeJob] = deque()
         self.lock = threading.Lock()  # guards `waiting` against `add`/`abort` from other threads
         self.running: list[Running] = []
