@@ -62,6 +62,11 @@ class StepConfig(StageConfig):
     prefill_groups: list[int] = []  # also: the prefill of this many prompts together
 
 
+def new_job(loaded, prompt: str, max_tokens: int) -> DecodeJob:
+    return DecodeJob(prompt_ids=loaded.tokenizer(prompt)["input_ids"], max_tokens=max_tokens,
+                     text=TextStream(loaded.tokenizer))
+
+
 def timed(spent: Counter, part: str, fn):
     def wrapper(*args, **kwargs):
         start = time.perf_counter()
@@ -96,8 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     def keep_full() -> None:
         nonlocal sent
         while engine.num_running + engine.num_waiting < cfg.rows:
-            ids = loaded.tokenizer(prompts[sent % len(prompts)])["input_ids"]
-            engine.add(DecodeJob(prompt_ids=ids, max_tokens=cfg.max_tokens, text=TextStream(loaded.tokenizer)))
+            engine.add(new_job(loaded, prompts[sent % len(prompts)], cfg.max_tokens))
             sent += 1
 
     for _ in range(cfg.warmup_steps):
@@ -124,9 +128,8 @@ def main(argv: list[str] | None = None) -> None:
 def static_batches(cfg: StepConfig, loaded, prompts: list[str]) -> None:
     """The same prompts, `rows` at a time, each batch decoded to its end (the static engine)."""
     decoder = BatchDecoder(loaded, DecodeFields(block_size=cfg.block_size), mode=cfg.mode)
-    jobs = [DecodeJob(prompt_ids=loaded.tokenizer(p)["input_ids"], max_tokens=cfg.max_tokens,
-                      text=TextStream(loaded.tokenizer)) for p in prompts]
-    decoder.decode(jobs[: cfg.rows])  # warm-up
+    decoder.decode([new_job(loaded, p, cfg.max_tokens) for p in prompts[: cfg.rows]])  # warm-up, jobs of its own
+    jobs = [new_job(loaded, p, cfg.max_tokens) for p in prompts]
     start = time.perf_counter()
     for i in range(0, len(jobs), cfg.rows):
         decoder.decode(jobs[i : i + cfg.rows])
