@@ -147,11 +147,9 @@ def run_pipeline(config: PipelineConfig) -> dict:
     started = time.perf_counter()
 
     def teacher_stage():
-        if config.model != BUILTIN_MODEL:
-            return {"model": config.model}
         from cllm.teacher import resolve_model
 
-        return {"model": resolve_model(BUILTIN_MODEL, config.teacher)}
+        return {"model": resolve_model(config.model, config.teacher)}  # builtin, a GGUF file or a short name
 
     teacher = run_stage(log, "teacher", "1/4 teacher", teacher_stage)["model"]
     collect_cfg, train_cfg = collect_config(config, teacher), train_config(config, teacher)

@@ -138,13 +138,16 @@ def ensure_builtin_teacher(
 
 
 def resolve_model(name_or_path: str, config: TeacherConfig | None = None) -> str:
-    """`builtin` -> the built-in teacher's directory (trained on first use); any other reference as it is.
+    """`builtin` -> the built-in teacher's directory (trained on first use); a GGUF file or a short name such as
+    `smollm2` -> its plain directory (`cllm.gguf`, converted on first use); any other reference as it is.
 
-    Only entry points and the pipeline's teacher stage call this: loading a model never trains one.
+    Only entry points and the pipeline's teacher stage call this: loading a model never trains or converts one.
     """
     if name_or_path == BUILTIN_MODEL:
         return str(ensure_builtin_teacher(config=config))
-    return name_or_path
+    from cllm.gguf import resolve_reference
+
+    return resolve_reference(name_or_path) or name_or_path
 
 
 def is_complete(path: Path) -> bool:

@@ -203,3 +203,68 @@ def greedy_text(loaded, text: str, max_tokens: int) -> str:
     ids = loaded.tokenizer(text, return_tensors="pt")["input_ids"]
     out = loaded.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_tokens)
     return loaded.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+
+
+BYTE_MERGES = [("t", "h"), ("h", "e")]  # a GGUF of type gpt2 lists its merges; two are enough to be used
+
+
+def write_llama_gguf(path: Path, model, tokens: list[str], merges: list[tuple[str, str]]) -> Path:
+    """A Llama and a byte-level BPE vocabulary written as a GGUF file (F32 tensors, llama.cpp's names and
+    its q/k row order), the way a user's downloaded file is laid out."""
+    import gguf
+
+    config = model.config
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    writer.add_vocab_size(len(tokens))
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([gguf.TokenType.CONTROL if t in GGUF_SPECIALS else gguf.TokenType.NORMAL for t in tokens])
+    writer.add_token_merges([f"{a} {b}" for a, b in merges])
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_pad_token_id(0)
+    writer.add_unk_token_id(3)
+    writer.add_chat_template(BYTE_CHAT_TEMPLATE)
+
+    def permute(weight: torch.Tensor, heads: int) -> torch.Tensor:  # llama.cpp's rotary layout of q and k rows
+        return weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(
+            weight.shape)
+
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
+    if not config.tie_word_embeddings:
+        names["lm_head.weight"] = "output.weight"
+    parts = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+             "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
+             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    for layer in range(config.num_hidden_layers):
+        for hf, ours in parts.items():
+            names[f"model.layers.{layer}.{hf}.weight"] = f"blk.{layer}.{ours}.weight"
+    state = model.state_dict()
+    for hf, ours in names.items():
+        weight = state[hf].detach().float()
+        if ours.endswith("attn_q.weight"):
+            weight = permute(weight, config.num_attention_heads)
+        elif ours.endswith("attn_k.weight"):
+            weight = permute(weight, config.num_key_value_heads)
+        writer.add_tensor(ours, weight.numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+GGUF_SPECIALS = ["<pad>", "<s>", "</s>", "<|endoftext|>"]  # the last is the unknown token, GPT-2's spelling
+
+
+def byte_bpe_tokens() -> list[str]:
+    """A byte-level vocabulary as a GGUF file spells it: specials, the byte alphabet, the merged tokens."""
+    return GGUF_SPECIALS + sorted(pre_tokenizers.ByteLevel.alphabet()) + ["".join(pair) for pair in BYTE_MERGES]

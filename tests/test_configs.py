@@ -29,6 +29,7 @@ def load_pipeline(path: Path) -> PipelineConfig:
 LOADERS = {
     "pipeline.yaml": load_pipeline,
     "qwen-gpu.yaml": load_pipeline,
+    "smollm2-gsm8k.yaml": load_pipeline,
     "collect.yaml": lambda path: load_config(CollectConfig, ["--config", str(path)]),
     "train.yaml": lambda path: load_config(TrainConfig, ["--config", str(path)]),
     "bench.yaml": lambda path: load_config(BenchConfig, ["--config", str(path)]),
@@ -57,6 +58,13 @@ def test_qwen_config_reaches_every_stage():
     assert (collect.prompt_field, collect.chat, collect.num_gpus_per_actor) == ("question", True, 1.0)
     assert (train.strategy, train.bf16, train.lr, train.recipe) == ("deepspeed", True, 2e-5, "model")
     assert (serve.max_new_tokens, serve.num_gpus, serve.max_replicas) == (256, 1.0, 4)
+
+
+def test_smollm2_recipe_trains_a_lora_adapter_on_the_progressive_objective():
+    config = load_pipeline(CONFIGS / "smollm2-gsm8k.yaml")
+    train = train_config(config, "teacher")
+    assert (train.consistency, train.ar_source, train.lora_rank, train.recipe) == ("progressive", "teacher", 32, "model")
+    assert (config.chat, config.prompt_field, collect_config(config, "teacher").temperature) == (True, "question", 0.0)
 
 
 def test_the_pipeline_sections_are_the_stage_options():
