@@ -9,7 +9,15 @@ from pydantic import Field
 
 from cllm.config import StageConfig, load_config
 from cllm.decoding import DecodeFields
-from cllm.evaluate import EvalOptions, data_summary, evaluate_models, evaluation_stages, markdown_table, write_report
+from cllm.evaluate import (
+    EvalOptions,
+    data_summary,
+    evaluate_models,
+    evaluation_stages,
+    markdown_table,
+    reference_table,
+    write_report,
+)
 from cllm.models import BUILTIN_MODEL
 from cllm.tasks import DataFields
 from cllm.teacher import resolve_model
@@ -32,8 +40,10 @@ def bench(config: BenchConfig) -> list:
     metric, reason = task.metric(config.metric)
     models = {name: resolve_model(name) for name in config.models}
     results = evaluate_models(models, task, methods=config.methods, decode=config, chat=config.chat,
-                              device=config.device, metric=metric)
+                              device=config.device, metric=metric, reference=config.models[0])
     print(markdown_table(results))
+    if any(r.same_output is not None for r in results):
+        print("\nAgainst the first model's greedy outputs:\n" + reference_table(results))
     if config.output_dir:
         write_report(results, config.output_dir, settings=config.model_dump(),
                      data=data_summary(task, metric, reason), stages=evaluation_stages(results, task))

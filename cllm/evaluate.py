@@ -10,6 +10,8 @@ every number is computed over the prompts decoded, with that count in the report
 from __future__ import annotations
 
 import json
+import math
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -64,6 +66,12 @@ class MethodResult:
     speedup: float | None = None  # tokens/s relative to hf_greedy on the same model
     speedup_vs_ar: float | None = None  # tokens/s relative to the project's AR loop (when "ar" ran)
     commit_histogram: dict[int, int] = field(default_factory=dict)
+    # Against the reference model's greedy outputs (`compare_to_reference`); None without a reference.
+    same_answer: int | None = None  # prompts whose final answer equals the reference's
+    same_output: int | None = None  # prompts whose whole output equals the reference's, token for token
+    reference_perplexity: float | None = None  # the reference's perplexity of this method's outputs
+    perplexity_ratio: float | None = None  # that over the reference's perplexity of its own greedy outputs
+    outputs: list[list[int]] = field(default_factory=list, repr=False)  # new tokens per decoded prompt
 
     @property
     def tokens_per_forward(self) -> float:
@@ -75,10 +83,29 @@ class MethodResult:
 
     def to_dict(self) -> dict:
         out = asdict(self)
+        del out["outputs"]
         out["tokens_per_forward"] = round(self.tokens_per_forward, 4)
         out["tokens_per_second"] = round(self.tokens_per_second, 2)
         out["exact_fraction"] = self.exact / self.prompts if self.prompts else None
         return out
+
+
+class Progress:
+    """Prompts done out of the total, with a rate and the time left, on stderr: at a real model's size every method
+    takes minutes, and a silent terminal looks like a hang. At most one line every `every` seconds, and the last."""
+
+    def __init__(self, label: str, total: int, every: float = 10.0):
+        self.label, self.total, self.every = label, total, every
+        self.started = self.shown = time.perf_counter()
+
+    def update(self, done: int) -> None:
+        now = time.perf_counter()
+        if done < self.total and now - self.shown < self.every:
+            return
+        self.shown = now
+        rate = done / (now - self.started) if now > self.started else 0.0
+        left = f", {math.ceil((self.total - done) / rate)} s left" if rate and done < self.total else ""
+        print(f"{self.label}: {done}/{self.total} prompts ({rate:.2f} prompts/s{left})", file=sys.stderr, flush=True)
 
 
 @contextmanager
@@ -178,7 +205,8 @@ def evaluate_model(
     # Jacobi pass and a roll-back; a whole extra decode per method costs minutes at real size on a CPU.
     for method in methods:
         run[method](encoded[0], min(budgets[0], decode.block_size))
-    for ids, budget in zip(encoded, budgets, strict=True):
+    progress = Progress(f"evaluate {label or loaded.name}", len(encoded))
+    for done, (ids, budget) in enumerate(zip(encoded, budgets, strict=True), start=1):
         reference = None
         for method in methods:
             with count_forwards(loaded.model) as calls:
@@ -195,7 +223,9 @@ def evaluate_model(
             result.seconds += seconds
             result.exact += tokens == reference
             histograms[method].update(histogram or {})
+            result.outputs.append(tokens)
             texts[method].append(tokenizer.decode(tokens, skip_special_tokens=True))
+        progress.update(done)
     references = [answers[i] for i in decoded] if answers is not None else [None] * len(decoded)
     baseline_tps = results[BASELINE].tokens_per_second
     ar_tps = results["ar"].tokens_per_second if "ar" in results else 0.0
@@ -240,11 +270,13 @@ def evaluate_models(
     device: str | None = None,
     metric: str = "auto",
     methods_of: dict[str, Sequence[str]] | None = None,
+    reference: str | None = None,
 ) -> list[MethodResult]:
     """Every method on every model ({label: model directory or hub name}), on the same prompts, in one run.
 
     `methods_of` gives some labels their own methods. `metric` is resolved once for the task
-    (`Task.metric`), so every model is scored the same way.
+    (`Task.metric`), so every model is scored the same way. With `reference` (a label), every other model's
+    outputs are also compared with the reference model's greedy ones (`compare_to_reference`).
     """
     metric = task.metric(metric)[0]
     results = []
@@ -254,7 +286,49 @@ def evaluate_models(
             loaded, task.prompts, task.answers, label=label, methods=tuple((methods_of or {}).get(label, methods)),
             decode=decode, chat=chat, metric=metric,
         )
+    if reference is not None and len(models) > 1:
+        compare_to_reference(results, reference, load_model(models[reference], device=device), task.prompts, chat=chat)
     return results
+
+
+@torch.no_grad()
+def perplexity(model, prompts: Sequence[torch.Tensor], outputs: Sequence[list[int]]) -> float | None:
+    """exp of the mean negative log-likelihood the model gives each prompt's output tokens, after its prompt."""
+    nll, count = 0.0, 0
+    device = next(model.parameters()).device
+    for ids, tokens in zip(prompts, outputs, strict=True):
+        if not tokens:
+            continue
+        target = torch.tensor(tokens, device=device)
+        logits = model(torch.cat([ids[0].to(device), target])[None]).logits[0, ids.shape[1] - 1 : -1]
+        nll += torch.nn.functional.cross_entropy(logits.float(), target, reduction="sum").item()
+        count += len(tokens)
+    return math.exp(nll / count) if count else None
+
+
+def compare_to_reference(results: list[MethodResult], reference: str, loaded: LoadedModel, prompts: list, *,
+                         chat: bool) -> None:
+    """How far each model's outputs moved from the reference model's greedy outputs (a teacher's, before training):
+    prompts with the same final answer, with the same whole output, and the reference's perplexity of them, a
+    judge-free measure of drift (the reference row holds its perplexity of its own outputs, the ratio's base)."""
+    from cllm.tasks.scoring import extract_answer
+
+    base = next((r for r in results if r.model == reference and r.method == BASELINE), None)
+    if base is None:
+        raise ValueError(f"reference {reference!r} is not one of the evaluated models")
+    tokenizer = loaded.tokenizer
+    _, encoded, _ = prepare_prompts(tokenizer, prompts, chat=chat, context=context_length(loaded.model))
+    answers = [extract_answer(tokenizer.decode(tokens, skip_special_tokens=True)) for tokens in base.outputs]
+    own = perplexity(loaded.model, encoded, base.outputs)
+    for result in results:
+        if len(result.outputs) != len(base.outputs):
+            continue  # decoded other prompts (another tokenizer or context): nothing to pair
+        texts = [tokenizer.decode(tokens, skip_special_tokens=True) for tokens in result.outputs]
+        result.same_output = sum(a == b for a, b in zip(result.outputs, base.outputs, strict=True))
+        result.same_answer = sum(extract_answer(t) == a for t, a in zip(texts, answers, strict=True))
+        if result.method == BASELINE:
+            result.reference_perplexity = own if result is base else perplexity(loaded.model, encoded, result.outputs)
+            result.perplexity_ratio = result.reference_perplexity / own if own else None
 
 
 # ----- the report -----
@@ -329,7 +403,21 @@ def markdown_report(results: list[MethodResult], data: dict, stages: list[dict])
         "the count in brackets; n/a when nothing is scored. \"equals greedy AR\" counts the decoded prompts "
         "whose output is token for token hf_greedy's."
     )
+    if any(r.same_output is not None for r in results):
+        parts.append("## Against the reference model\n\n" + reference_table(results))
     return "\n\n".join(parts) + "\n"
+
+
+def reference_table(results: list[MethodResult]) -> str:
+    """Each model's greedy outputs against the reference model's: answers, whole outputs, the reference's perplexity."""
+    rows = [r for r in results if r.method == BASELINE and r.same_output is not None]
+    lines = ["| model | same final answer | same whole output | reference perplexity | vs its own outputs |",
+             "| --- | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        ppl = f"{r.reference_perplexity:.3f}" if r.reference_perplexity is not None else "n/a"
+        ratio = f"{r.perplexity_ratio:.3f}x" if r.perplexity_ratio is not None else "n/a"
+        lines.append(f"| {r.model} | {r.same_answer}/{r.prompts} | {r.same_output}/{r.prompts} | {ppl} | {ratio} |")
+    return "\n".join(lines)
 
 
 def plot_report(results: list[MethodResult], directory: Path) -> list[Path]:

@@ -177,9 +177,53 @@ def resolve_reference(name_or_path: str) -> str | None:
     if name_or_path == SMOLLM2:
         return str(convert_gguf(smollm2_file()))
     if name_or_path == SMOLLM2_CLLM:
-        return str(merge_adapter(convert_gguf(smollm2_file())))
+        adapter_record(ADAPTER_DIR)  # a checkout without the adapter fails before converting the base
+        return str(merge_adapter(convert_gguf(smollm2_file()), ADAPTER_DIR))
     path = Path(name_or_path).expanduser()
     if path.suffix == ".gguf" and not path.exists():
         raise ModelLoadError(f"cannot load a model from {name_or_path!r}: the GGUF file does not exist")
     found = gguf_in(path)
     return str(convert_gguf(found.resolve())) if found else None
+
+
+def ship_adapter(adapter_dir: Path, record: dict, target: Path = ADAPTER_DIR) -> Path:
+    """Put a trained LoRA adapter in the package as `smollm2-cllm`: its weights in bf16 (half the size; merging
+    casts them back to fp32, and every figure is measured on that merge), its config naming the short base, and
+    `cllm_adapter.json` with the recipe, the data and the weights' SHA-256."""
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = SMOLLM2
+    shutil.rmtree(target, ignore_errors=True)
+    target.mkdir(parents=True)
+    halved = {name: tensor.to(torch.bfloat16).contiguous() for name, tensor in weights.items()}
+    save_file(halved, str(target / "adapter_model.safetensors"))
+    (target / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    record = {**record, "adapter_sha256": file_digest(target / "adapter_model.safetensors")}
+    (target / ADAPTER_RECORD).write_text(json.dumps(record, indent=2))
+    return target
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m cllm.gguf",
+                                     description="Convert a GGUF reference, or ship a trained adapter.")
+    parser.add_argument("reference", nargs="?", help="a .gguf file, a folder holding one, or a short name: "
+                        + ", ".join(SHORT_NAMES))
+    parser.add_argument("--ship", metavar="ADAPTER_DIR", help="put this trained LoRA adapter in the package as "
+                        f"{SMOLLM2_CLLM!r}")
+    parser.add_argument("--record", metavar="JSON", help="with --ship: a JSON file of the recipe and data to record")
+    args = parser.parse_args(argv)
+    if args.ship:
+        record = json.loads(Path(args.record).read_text()) if args.record else {}
+        print(ship_adapter(Path(args.ship), record))
+    elif args.reference:
+        print(resolve_reference(args.reference) or args.reference)
+    else:
+        parser.error("name a reference to convert, or --ship an adapter")
+
+
+if __name__ == "__main__":
+    main()

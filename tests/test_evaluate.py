@@ -137,3 +137,37 @@ def test_a_model_can_have_its_own_methods(tiny_model_dir, tmp_path):
         ("teacher", "hf_greedy"), ("teacher", "jacobi"),
         ("cllm", "hf_greedy"), ("cllm", "ar"), ("cllm", "jacobi"), ("cllm", "jacobi_ngram"),
     ]
+
+
+def test_models_are_compared_with_the_reference_models_greedy_outputs(tmp_path, capsys):
+    from conftest import char_tokenizer, save_model_dir, tiny_model
+
+    from cllm.evaluate import evaluate_models, perplexity, reference_table
+    from cllm.tasks import Task
+
+    teacher = save_model_dir(tmp_path / "teacher", tiny_model("llama", seed=0), char_tokenizer())
+    other = save_model_dir(tmp_path / "other", tiny_model("llama", seed=1), char_tokenizer())
+    task = Task("t", "test", [{"prompt": p, "answer": None} for p in PROMPTS])
+    results = evaluate_models({"teacher": teacher, "copy": teacher, "other": other}, task, methods=["ar"],
+                              decode=DecodeFields(block_size=8, max_new_tokens=12), reference="teacher")
+    rows = {(r.model, r.method): r for r in results}
+    assert rows["teacher", "hf_greedy"].perplexity_ratio == 1.0
+    copy = rows["copy", "hf_greedy"]
+    assert (copy.same_output, copy.same_answer, copy.perplexity_ratio) == (3, 3, 1.0)
+    changed = rows["other", "hf_greedy"]
+    assert changed.same_output < 3 and changed.perplexity_ratio > 1.0  # another model's text is less likely
+    assert rows["other", "ar"].same_output == changed.same_output and rows["other", "ar"].reference_perplexity is None
+    # the reference's perplexity, recomputed by hand from its logits over each prompt + output
+    loaded = LoadedModel(tiny_model("llama", seed=0), char_tokenizer(), "teacher")
+    nll, count = 0.0, 0
+    for prompt, tokens in zip(PROMPTS, changed.outputs, strict=True):
+        ids = loaded.tokenizer(prompt)["input_ids"]
+        logits = loaded.model(torch.tensor([ids + tokens])).logits[0]
+        logp = torch.log_softmax(logits, dim=-1)
+        nll -= sum(logp[len(ids) - 1 + i, t].item() for i, t in enumerate(tokens))
+        count += len(tokens)
+    assert changed.reference_perplexity == pytest.approx(float(torch.tensor(nll / count).exp()), rel=1e-4)
+    encoded = [torch.tensor([loaded.tokenizer(p)["input_ids"]]) for p in PROMPTS]
+    assert perplexity(loaded.model, encoded, [[] for _ in PROMPTS]) is None
+    assert "| other | " in reference_table(results)
+    assert "evaluate other: 3/3 prompts" in capsys.readouterr().err  # progress, with the rate

@@ -22,6 +22,7 @@ from cllm.tasks import (
     score,
 )
 from cllm.tasks.records import BLANK_PROMPT, MISSING_PROMPT, UNREADABLE_RECORD
+from cllm.tasks.scoring import numeric_match
 
 EQUATION = re.compile(r"(\d+) ([-+*]) (\d+) = (\d+)")
 OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
@@ -77,13 +78,32 @@ def test_unknown_split_and_bad_counts_are_rejected():
         arith.generate(-1)
 
 
+# SmolLM2-135M-Instruct's own greedy answers to GSM8K training questions (its last lines, as decoded).
+SMOLLM2_ENDINGS = [
+    ("So, she sold 48/2 = 16 clips in April.\nIn May, she sold 16/5 = 3 clips.\n#### 3\nThe answer is: 3", "3"),
+    ("So, Yesterday earned 300 * 50 = 1500 dollars.\n\nThe answer is 1500.", "1500"),
+    ("The total number of pieces of pizza is 32 + 16 = 58 pieces.\nSo, Albert can eat 58 pieces of pizza.\n#### 58\n"
+     "The answer is: 58", "58"),
+    ("So, there are 30 purple flowers in Mark's garden.", "30"),
+    ("So, the final weight of the box of goodies was 2 + 2 + 2 = 6 pounds.\n\nThe box of goodies was 2 + 2 + 2 = 6 "
+     "pounds.", "6"),
+]
+
+
+@pytest.mark.parametrize(("text", "answer"), SMOLLM2_ENDINGS)
+def test_extract_answer_reads_an_instruction_tuned_models_final_answer(text, answer):
+    assert extract_answer(text) == answer
+    assert numeric_match(text, f"some working\n#### {answer}")
+
+
 def test_extract_answer():
     assert extract_answer("so 3 + 4 = 7 apples.\n#### 7") == "7"
     assert extract_answer("#### 1,234.") == "1234"
     assert extract_answer("#### $5.50") == "5.5"
     assert extract_answer("#### 72.0") == "72"
     assert extract_answer("#### -3") == "-3"
-    assert extract_answer("The answer is 12, not 11") == "11"  # no marker: the last number
+    assert extract_answer("so 12 - 1 = 11 apples, not 12") == "12"  # no marker: the last number
+    assert extract_answer("The answer is 12, not 11") == "12"  # a stated answer wins over later numbers
     assert extract_answer("42") == "42"
     assert extract_answer("no number here") is None
     assert extract_answer("#### ") is None

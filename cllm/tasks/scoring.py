@@ -1,6 +1,7 @@
 """How a prediction is scored against its reference answer, chosen per dataset.
 
-- `numeric`: GSM8K-style, the number after the last `####` (else the last number) must match;
+- `numeric`: GSM8K-style, the final answer must match: the number after the last `####`, else after the last
+  "answer is" (instruction-tuned models end with "The answer is: 18"), else the last number in the text;
 - `exact`: the text must equal the reference, leading and trailing whitespace aside;
 - `none`: no accuracy is computed (the report says n/a);
 - `auto`: `numeric` for the built-in task and for answers that carry `####`, `exact` for other answers,
@@ -17,6 +18,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Literal
 
 NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?")
+ANSWER_IS = re.compile(r"answer is\s*:?\s*(?:\*\*)?\s*(-?\$?\d[\d,]*(?:\.\d+)?)", re.IGNORECASE)
 METRICS = ("auto", "numeric", "exact", "none")
 Metric = Literal[METRICS]
 
@@ -32,7 +34,8 @@ def normalize_number(text: str) -> str:
 
 
 def extract_answer(text: str | None) -> str | None:
-    """The final answer: what follows the last '####', else the last number in the text, else None."""
+    """The final answer: what follows the last '####', else the number after the last "answer is", else the last
+    number in the text, else None."""
     if text is None:
         return None
     text = str(text)
@@ -42,6 +45,9 @@ def extract_answer(text: str | None) -> str | None:
         if match:
             return normalize_number(match.group())
         return tail.splitlines()[0].strip() if tail else None
+    stated = ANSWER_IS.findall(text)
+    if stated:
+        return normalize_number(stated[-1])
     numbers = NUMBER.findall(text)
     return normalize_number(numbers[-1]) if numbers else None
 
