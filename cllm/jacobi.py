@@ -372,54 +372,96 @@ def jacobi_generate(
     """
     layout = check_supported(model)
     validate_arguments(model, input_ids, attention_mask, max_new_tokens, block_size, init, max_iters)
-    row_sampling = sampling_per_row(sampling, input_ids.shape[0])
-    eos_ids = eos_set(eos_token_id)
-    if pad_token_id is None:
-        pad_token_id = eos_token_id if isinstance(eos_token_id, int) else next(iter(eos_token_id or []), 0)
-    batch = input_ids.shape[0]
-    budgets = [max_new_tokens] * batch if isinstance(max_new_tokens, int) else list(max_new_tokens)
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    attention_mask = attention_mask.to(input_ids.device).bool()
-
+    batch = DecodeBatch.of(input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id, sampling)
     dec = Decoding(
         block_size=block_size,
         max_iters=max_iters or block_size,
-        eos_ids=eos_ids,
-        pad_token_id=pad_token_id,
+        eos_ids=batch.eos_ids,
+        pad_token_id=batch.pad_token_id,
         init=init,
         rng=random.Random(seed),
         on_commit=on_commit,
         record=return_trajectories,
     )
     rows = [
-        Row(index=i, prompt=input_ids[i][attention_mask[i]].tolist(), budget=budgets[i],
-            pool=NgramPool(block_size) if init == "ngram" else None, sampling=row_sampling[i])
-        for i in range(batch)
+        Row(index=i, prompt=prompt, budget=budget, pool=NgramPool(block_size) if init == "ngram" else None,
+            sampling=params)
+        for i, (prompt, budget, params) in enumerate(batch.rows())
     ]
-    cache, first_tokens = prefill(model, layout, input_ids, attention_mask, row_sampling)
-    cache_mask = attention_mask
-    for row, token in zip(rows, first_tokens, strict=True):
-        begin_row(row, token, dec)
 
-    forward_passes = 0
-    live, cache_mask = retire_rows(rows, cache, cache_mask)
-    while live:
-        predictions = jacobi_forward(model, layout, cache, cache_mask, live, pad_token_id)
-        forward_passes += 1
+    def one_pass(cache: DynamicCache, cache_mask: torch.Tensor, live: list[Row]) -> torch.Tensor:
+        predictions = jacobi_forward(model, layout, cache, cache_mask, live, batch.pad_token_id)
         kept = [advance_row(row, preds, dec) for row, preds in zip(live, predictions, strict=True)]
-        cache_mask = roll_back_cache(cache, cache_mask, kept)
-        live, cache_mask = retire_rows(live, cache, cache_mask)
+        return roll_back_cache(cache, cache_mask, kept)
 
+    forward_passes = decode_loop(model, layout, batch, rows, lambda row, token: begin_row(row, token, dec), one_pass)
     return JacobiOutput(
-        sequences=assemble_sequences(input_ids, rows, pad_token_id),
-        new_tokens=[len(row.generated) for row in rows],
-        forward_passes=forward_passes,
-        row_forward_passes=[row.forwards for row in rows],
-        commit_histogram=dict(sorted(dec.histogram.items())),
+        **batch.output_fields(rows, dec, forward_passes),
         stationary_tokens=dec.stationary,
         trajectories=dec.trajectories if return_trajectories else None,
     )
+
+
+@dataclass
+class DecodeBatch:
+    """The arguments every offline decode (`jacobi_generate`, `multiblock_generate`) normalises the same way."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor  # bool, on the ids' device
+    budgets: list[int]
+    sampling: list[SamplingParams | None]
+    eos_ids: set[int]
+    pad_token_id: int
+
+    @classmethod
+    def of(cls, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id, sampling) -> DecodeBatch:
+        """No pad id pads finished rows with the (first) EOS id, as `generate` does."""
+        if pad_token_id is None:
+            pad_token_id = eos_token_id if isinstance(eos_token_id, int) else next(iter(eos_token_id or []), 0)
+        size = input_ids.shape[0]
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        return cls(
+            input_ids=input_ids,
+            attention_mask=attention_mask.to(input_ids.device).bool(),
+            budgets=[max_new_tokens] * size if isinstance(max_new_tokens, int) else list(max_new_tokens),
+            sampling=sampling_per_row(sampling, size),
+            eos_ids=eos_set(eos_token_id),
+            pad_token_id=pad_token_id,
+        )
+
+    def rows(self):
+        """(prompt without padding, budget, sampling) per row."""
+        for i in range(self.input_ids.shape[0]):
+            yield self.input_ids[i][self.attention_mask[i]].tolist(), self.budgets[i], self.sampling[i]
+
+    def output_fields(self, rows: list[Row], dec: Decoding, forward_passes: int) -> dict:
+        """What every mode's output reports, in `generate`'s layout."""
+        return dict(
+            sequences=assemble_sequences(self.input_ids, rows, self.pad_token_id),
+            new_tokens=[len(row.generated) for row in rows],
+            forward_passes=forward_passes,
+            row_forward_passes=[row.forwards for row in rows],
+            commit_histogram=dict(sorted(dec.histogram.items())),
+        )
+
+
+def decode_loop(model, layout: AttentionLayout, batch: DecodeBatch, rows: list, begin, one_pass) -> int:
+    """Prefill, start each row on its first token, then passes until every row is done; returns the passes.
+
+    `begin(row, first_token)` opens a row's first block; `one_pass(cache, cache_mask, live_rows)` runs one
+    forward over the live rows, advances them and returns the cache mask after rolling back what did not hold.
+    """
+    cache, first_tokens = prefill(model, layout, batch.input_ids, batch.attention_mask, batch.sampling)
+    for row, token in zip(rows, first_tokens, strict=True):
+        begin(row, token)
+    forward_passes = 0
+    live, cache_mask = retire_rows(rows, cache, batch.attention_mask)
+    while live:
+        cache_mask = one_pass(cache, cache_mask, live)
+        forward_passes += 1
+        live, cache_mask = retire_rows(live, cache, cache_mask)
+    return forward_passes
 
 
 def sampling_per_row(

@@ -54,17 +54,14 @@ from transformers import DynamicCache
 
 from cllm.guesses import NgramPool, initial_guess
 from cllm.jacobi import (
+    DecodeBatch,
     Decoding,
     JacobiOutput,
     Row,
     accept,
     agreeing_run,
-    assemble_sequences,
-    eos_set,
+    decode_loop,
     jacobi_forward,
-    prefill,
-    retire_rows,
-    sampling_per_row,
     validate_arguments,
 )
 from cllm.kv_cache import AttentionLayout, as_attention_mask, check_supported
@@ -339,49 +336,29 @@ def multiblock_generate(
         raise ValueError(f"recycle must be an integer >= 0, got {recycle!r}")
     if not layout.explicit_masks:
         recycle = 0  # its positions come from the 2-D mask, which cannot describe branches
-    eos_ids = eos_set(eos_token_id)
-    if pad_token_id is None:
-        pad_token_id = eos_token_id if isinstance(eos_token_id, int) else next(iter(eos_token_id or []), 0)
-    batch = input_ids.shape[0]
-    row_sampling = sampling_per_row(sampling, batch)
-    budgets = [max_new_tokens] * batch if isinstance(max_new_tokens, int) else list(max_new_tokens)
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    attention_mask = attention_mask.to(input_ids.device).bool()
-
+    batch = DecodeBatch.of(input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id, sampling)
     dec = MultiBlock(
-        block_size=block_size, max_iters=block_size, eos_ids=eos_ids, pad_token_id=pad_token_id, init=init,
-        rng=random.Random(seed), on_commit=on_commit, record=False, blocks=blocks, spawn_after=spawn_after,
-        recycle=recycle, recycle_len=recycle_len or max(block_size // 2, 1),
+        block_size=block_size, max_iters=block_size, eos_ids=batch.eos_ids, pad_token_id=batch.pad_token_id,
+        init=init, rng=random.Random(seed), on_commit=on_commit, record=False, blocks=blocks,
+        spawn_after=spawn_after, recycle=recycle, recycle_len=recycle_len or max(block_size // 2, 1),
     )
     pooled = recycle > 0 or init == "ngram"
     lanes = [
-        Lane(index=i, prompt=input_ids[i][attention_mask[i]].tolist(), budget=budgets[i],
-             pool=NgramPool(block_size) if pooled else None, sampling=row_sampling[i])
-        for i in range(batch)
+        Lane(index=i, prompt=prompt, budget=budget, pool=NgramPool(block_size) if pooled else None, sampling=params)
+        for i, (prompt, budget, params) in enumerate(batch.rows())
     ]
-    cache, first_tokens = prefill(model, layout, input_ids, attention_mask, row_sampling)
-    cache_mask = attention_mask
-    for lane, token in zip(lanes, first_tokens, strict=True):
-        begin_lane(lane, token, dec)
 
-    forward_passes = 0
-    live, cache_mask = retire_rows(lanes, cache, cache_mask)
-    while live:
+    def one_pass(cache: DynamicCache, cache_mask: torch.Tensor, live: list[Lane]) -> torch.Tensor:
         for lane in live:
             lane.branches = recycled(lane, dec)
-        predictions = branch_forward(model, layout, cache, cache_mask, live, pad_token_id)
-        forward_passes += 1
+        predictions = branch_forward(model, layout, cache, cache_mask, live, batch.pad_token_id)
         kept = [advance_lane(lane, preds, dec) for lane, preds in zip(live, predictions, strict=True)]
-        cache_mask = roll_back_slots(cache, cache_mask, kept)
-        live, cache_mask = retire_rows(live, cache, cache_mask)
+        return roll_back_slots(cache, cache_mask, kept)
 
+    forward_passes = decode_loop(model, layout, batch, lanes, lambda lane, token: begin_lane(lane, token, dec),
+                                 one_pass)
     return MultiBlockOutput(
-        sequences=assemble_sequences(input_ids, lanes, pad_token_id),
-        new_tokens=[len(lane.generated) for lane in lanes],
-        forward_passes=forward_passes,
-        row_forward_passes=[lane.forwards for lane in lanes],
-        commit_histogram=dict(sorted(dec.histogram.items())),
+        **batch.output_fields(lanes, dec, forward_passes),
         stationary_tokens=0,  # not tracked: blocks overlap in a pass, so per-block trajectories are not kept
         recycled_tokens=dec.recycled_tokens,
         blocks_spawned=dec.blocks_spawned,
