@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -18,6 +19,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -28,6 +31,8 @@ from transformers import (
     PreTrainedTokenizerFast,
     Qwen2Config,
 )
+
+from cllm.train.config import TrainConfig
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 # Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP barriers make
@@ -268,3 +273,56 @@ GGUF_SPECIALS = ["<pad>", "<s>", "</s>", "<|endoftext|>"]  # the last is the unk
 def byte_bpe_tokens() -> list[str]:
     """A byte-level vocabulary as a GGUF file spells it: specials, the byte alphabet, the merged tokens."""
     return GGUF_SPECIALS + sorted(pre_tokenizers.ByteLevel.alphabet()) + ["".join(pair) for pair in BYTE_MERGES]
+
+
+# ----- training: trajectory records, a run's config and its checkpoints -----
+
+
+def write_trajectories(path: Path, n_prompts: int = 8, block: int = 4, seed: int = 0) -> Path:
+    """Trajectory records shaped like collection's: per block, states converging to the fixed point."""
+    rng = random.Random(seed)
+    rows = []
+    for prompt_id in range(n_prompts):
+        prompt = [1] + [rng.randrange(4, 44) for _ in range(rng.randrange(3, 8))]
+        prefix = list(prompt)
+        for block_idx in range(2):
+            fixed = [rng.randrange(4, 44) for _ in range(block)]
+            if block_idx == 1:
+                fixed = fixed[:2] + [2]  # the last block ends with EOS
+            states = [[rng.randrange(4, 44) for _ in range(block)]]
+            for k in range(1, rng.randrange(1, len(fixed))):
+                states.append(fixed[:k] + states[-1][k:])
+            rows.append(
+                {
+                    "prompt_id": prompt_id,
+                    "block_idx": block_idx,
+                    "prompt_len": len(prompt),
+                    "prefix_ids": list(prefix),
+                    "states": [s[: len(fixed)] for s in states] if prompt_id % 4 else [],
+                    "fixed_point": fixed,
+                    "num_iters": len(states) + 1,
+                    "eos_in_block": 2 in fixed,
+                    "labels": fixed if prompt_id % 2 else None,
+                }
+            )
+            prefix += fixed
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+def config_for(tmp_path: Path, model: Path, data: Path, **overrides) -> TrainConfig:
+    values = dict(
+        model=str(model),
+        data=str(data),
+        output_dir=str(tmp_path / "out"),
+        storage_path=str(tmp_path / "ray_train"),
+        batch_size=4,
+        lr=1e-3,
+        checkpoint_every=1,
+        log_every=1,
+    )
+    return TrainConfig(**(values | overrides))
+
+
+def checkpoints(config: TrainConfig) -> list[Path]:
+    return sorted(p for p in Path(config.storage_path, config.run_name).glob("checkpoint_*") if p.is_dir())

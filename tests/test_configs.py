@@ -63,7 +63,8 @@ def test_qwen_config_reaches_every_stage():
 def test_smollm2_recipe_trains_a_lora_adapter_on_the_progressive_objective():
     config = load_pipeline(CONFIGS / "smollm2-gsm8k.yaml")
     train = train_config(config, "teacher")
-    assert (train.consistency, train.ar_source, train.lora_rank, train.recipe) == ("progressive", "teacher", 32, "model")
+    assert (train.consistency, train.ar_source, train.lora_rank) == ("progressive", "teacher", 32)
+    assert train.recipe == "model"
     assert (config.chat, config.prompt_field, collect_config(config, "teacher").temperature) == (True, "question", 0.0)
 
 

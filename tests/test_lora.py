@@ -10,9 +10,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import char_tokenizer, save_model_dir, tiny_model
+from conftest import char_tokenizer, checkpoints, config_for, save_model_dir, tiny_model, write_trajectories
 from safetensors import safe_open
-from test_train import checkpoints, config_for, write_trajectories
 from transformers import AutoModelForCausalLM
 
 from cllm.jacobi import jacobi_generate

@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import checkpoints, config_for, write_trajectories
 from safetensors.torch import load_file
 
 from cllm.config import load_config
@@ -20,38 +21,6 @@ from cllm.models import load_model
 from cllm.train.config import RECIPES, TrainConfig
 from cllm.train.driver import run_training
 from cllm.train.loop import LossMeter, split_batches
-
-
-def write_trajectories(path: Path, n_prompts: int = 8, block: int = 4, seed: int = 0) -> Path:
-    """Trajectory records shaped like collection's: per block, states converging to the fixed point."""
-    rng = random.Random(seed)
-    rows = []
-    for prompt_id in range(n_prompts):
-        prompt = [1] + [rng.randrange(4, 44) for _ in range(rng.randrange(3, 8))]
-        prefix = list(prompt)
-        for block_idx in range(2):
-            fixed = [rng.randrange(4, 44) for _ in range(block)]
-            if block_idx == 1:
-                fixed = fixed[:2] + [2]  # the last block ends with EOS
-            states = [[rng.randrange(4, 44) for _ in range(block)]]
-            for k in range(1, rng.randrange(1, len(fixed))):
-                states.append(fixed[:k] + states[-1][k:])
-            rows.append(
-                {
-                    "prompt_id": prompt_id,
-                    "block_idx": block_idx,
-                    "prompt_len": len(prompt),
-                    "prefix_ids": list(prefix),
-                    "states": [s[: len(fixed)] for s in states] if prompt_id % 4 else [],
-                    "fixed_point": fixed,
-                    "num_iters": len(states) + 1,
-                    "eos_in_block": 2 in fixed,
-                    "labels": fixed if prompt_id % 2 else None,
-                }
-            )
-            prefix += fixed
-    pq.write_table(pa.Table.from_pylist(rows), path)
-    return path
 
 
 def write_ar_records(path: Path, n: int = 16) -> Path:
@@ -67,27 +36,11 @@ def write_ar_records(path: Path, n: int = 16) -> Path:
     return path
 
 
-def config_for(tmp_path: Path, model: Path, data: Path, **overrides) -> TrainConfig:
-    values = dict(
-        model=str(model),
-        data=str(data),
-        output_dir=str(tmp_path / "out"),
-        storage_path=str(tmp_path / "ray_train"),
-        batch_size=4,
-        lr=1e-3,
-        checkpoint_every=1,
-        log_every=1,
-    )
-    return TrainConfig(**(values | overrides))
-
 
 def weights(model_dir: Path) -> dict[str, torch.Tensor]:
     # Cloned: safetensors maps the file, and a later run rewrites the same output_dir.
     return {name: tensor.clone() for name, tensor in load_file(model_dir / "model.safetensors").items()}
 
-
-def checkpoints(config: TrainConfig) -> list[Path]:
-    return sorted(p for p in Path(config.storage_path, config.run_name).glob("checkpoint_*") if p.is_dir())
 
 
 @pytest.mark.slow
