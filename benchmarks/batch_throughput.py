@@ -12,8 +12,9 @@ import time
 
 import torch
 
-from cllm.jacobi import ar_generate, jacobi_generate
+from cllm.decoding import DecodeFields
 from cllm.models import encode_prompts, load_model
+from cllm.modes import AR, JACOBI
 from cllm.tasks import load_task
 
 
@@ -38,21 +39,21 @@ def main() -> None:
     loaded = load_model(args.model)
     prompts = load_task(args.dataset, split="test", limit=args.prompts).prompts
     eos = loaded.tokenizer.eos_token_id
+    decode = DecodeFields(block_size=args.block_size)
     print(f"{'batch':>5} | {'jacobi tok/s':>12} | {'jacobi TPF':>10} | {'AR tok/s':>9} | jacobi/AR")
     for batch_size in args.batch_sizes:
-        totals = {"jacobi": [0, 0.0, 0, 0], "ar": [0, 0.0, 0, 0]}
+        totals = {mode.name: [0, 0.0, 0, 0] for mode in (JACOBI, AR)}
         for start in range(0, len(prompts), batch_size):
             ids, mask = encode_prompts(loaded.tokenizer, prompts[start:start + batch_size], device=loaded.device)
-            for name, fn, extra in (("jacobi", jacobi_generate, {"block_size": args.block_size}),
-                                    ("ar", ar_generate, {})):
-                out, seconds = timed(fn, loaded.model, ids, mask, max_new_tokens=args.max_new_tokens,
-                                     eos_token_id=eos, **extra)
-                t = totals[name]
+            for mode in (JACOBI, AR):
+                out, seconds = timed(mode.generate, loaded.model, ids, mask, max_new_tokens=args.max_new_tokens,
+                                     eos_token_id=eos, **mode.options(decode))
+                t = totals[mode.name]
                 t[0] += sum(out.new_tokens)
                 t[1] += seconds
                 t[2] += sum(max(n - 1, 0) for n in out.new_tokens)
                 t[3] += sum(out.row_forward_passes)
-        jac, ar = totals["jacobi"], totals["ar"]
+        jac, ar = totals[JACOBI.name], totals[AR.name]
         print(f"{batch_size:>5} | {jac[0] / jac[1]:>12.1f} | {jac[2] / max(jac[3], 1):>10.2f} | "
               f"{ar[0] / ar[1]:>9.1f} | {(jac[0] / jac[1]) / (ar[0] / ar[1]):.2f}x")
 

@@ -5,12 +5,13 @@
     python benchmarks/engine_step.py --model builtin --rows 4 --mode jacobi
     python benchmarks/engine_step.py --model outputs/default/cllm --rows 4 --static --prefill-groups 1,4,16
 
-It prints the mean milliseconds per step and the share of each part: the forward passes (the model),
-prefills of joining requests, the cache work around them (rows joining, leaving, columns dropped), and
-the per-row bookkeeping. The parts are timed by wrapping the engine's functions, so their sum is a little
-below the step time (the rest is the step's own glue). `--static` also decodes the same prompts in
-static batches of `rows` (the static engine's `BatchDecoder`, each batch to its end) for tokens/s side by
-side; `--prefill-groups` times the prefill of that many prompts together (what admitting them costs).
+It prints the mean milliseconds per turn of the engine thread (a step, then its outputs turned into text)
+and the share of each part: the forward passes (the model), prefills of joining requests, the cache work
+around them (rows joining, leaving, columns dropped), the per-row bookkeeping, and detokenising. The
+engine times its parts itself (`StepStats.parts`), so their sum is a little below the step time (the
+rest is the step's own glue). `--static` also decodes the same prompts with the static engine, in batches
+of `rows` each decoded to its end, for tokens/s side by side; `--prefill-groups` times the prefill of that
+many prompts together (what admitting them costs).
 """
 
 from __future__ import annotations
@@ -18,39 +19,34 @@ from __future__ import annotations
 import sys
 import time
 from collections import Counter
-from dataclasses import fields, replace
 from pathlib import Path
-from typing import Literal
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 import torch  # noqa: E402
 from pydantic import Field  # noqa: E402
 
-import cllm.engine as engine_module  # noqa: E402
 from cllm.config import StageConfig, load_config  # noqa: E402
-from cllm.decoding import DecodeFields, left_pad  # noqa: E402
-from cllm.engine import Engine  # noqa: E402
+from cllm.decoding import left_pad  # noqa: E402
 from cllm.jacobi import prefill  # noqa: E402
 from cllm.kv_cache import check_supported  # noqa: E402
 from cllm.models import load_model  # noqa: E402
-from cllm.serving import BatchDecoder, DecodeJob  # noqa: E402
-from cllm.streaming import TextStream  # noqa: E402
+from cllm.modes import FASTEST, ModeName  # noqa: E402
+from cllm.serving.bridge import EngineLoop  # noqa: E402
+from cllm.serving.config import ServeConfig  # noqa: E402
+from cllm.serving.engine import Engine  # noqa: E402
+from cllm.serving.output import OutputProcessor  # noqa: E402
+from cllm.serving.request import Request  # noqa: E402
+from cllm.serving.static import StaticEngine  # noqa: E402
 from cllm.tasks import arith  # noqa: E402
 from cllm.teacher import resolve_model  # noqa: E402
 
-PARTS = {  # engine function -> the part of a step it is
-    "jacobi_forward": "forward", "branch_forward": "forward", "prefill": "prefill",
-    "merge_caches": "cache: rows join", "reserve": "cache: rows join", "drop_rows": "cache: rows leave",
-    "retire_rows": "cache: rows leave",  # before the engine's cache kept spare rows and columns
-    "compact": "cache: columns dropped", "roll_back_cache": "cache: pass rolled back",
-    "roll_back_slots": "cache: pass rolled back", "advance_row": "rows: commit", "advance_lane": "rows: commit",
-}
+TEXT = "text: detokenise, stop sequences"  # the output processor's part of the engine thread's turn
 
 
 class StepConfig(StageConfig):
     model: str = "builtin"
-    mode: Literal["multiblock", "jacobi", "ar"] = "multiblock"
+    mode: ModeName = FASTEST
     rows: int = Field(16, ge=1)  # requests kept running
     block_size: int = Field(16, ge=1)
     max_tokens_per_step: int = Field(256, ge=1)
@@ -61,21 +57,16 @@ class StepConfig(StageConfig):
     static: bool = False  # also: the same prompts in static batches of `rows`
     prefill_groups: list[int] = []  # also: the prefill of this many prompts together
 
+    def serve_config(self, **engine) -> ServeConfig:
+        """The engines' settings: the server's defaults, these sizes."""
+        ongoing = ServeConfig.model_fields["max_ongoing_requests"].default
+        return ServeConfig(model=self.model, mode=self.mode, block_size=self.block_size, max_batch_size=self.rows,
+                           max_tokens_per_step=self.max_tokens_per_step, max_ongoing_requests=max(self.rows, ongoing),
+                           **engine)
 
-def new_job(loaded, prompt: str, max_tokens: int) -> DecodeJob:
-    return DecodeJob(prompt_ids=loaded.tokenizer(prompt)["input_ids"], max_tokens=max_tokens,
-                     text=TextStream(loaded.tokenizer))
 
-
-def timed(spent: Counter, part: str, fn):
-    def wrapper(*args, **kwargs):
-        start = time.perf_counter()
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            spent[part] += time.perf_counter() - start
-
-    return wrapper
+def new_request(loaded, prompt: str, max_tokens: int) -> Request:
+    return Request(prompt_ids=loaded.tokenizer(prompt)["input_ids"], max_tokens=max_tokens)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -83,42 +74,34 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(cfg.threads)
     loaded = load_model(resolve_model(cfg.model), device="cpu", dtype="float32")
     prompts = [p.prompt for p in arith.generate(64, split="test", seed=0)]
-    spent: Counter = Counter()
-    for name, part in PARTS.items():
-        if hasattr(engine_module, name):  # the engine of an older checkout lacks some
-            setattr(engine_module, name, timed(spent, part, getattr(engine_module, name)))
-    for name in ("ONE_BLOCK", "LANES"):  # the steps the engine calls through its row kinds
-        if (kind := getattr(engine_module, name, None)) is not None:
-            steps = {f.name: getattr(kind, f.name) for f in fields(kind)}
-            setattr(engine_module, name, replace(kind, **{
-                field: timed(spent, PARTS[fn.__name__], fn) for field, fn in steps.items()
-                if getattr(fn, "__name__", None) in PARTS
-            }))
-    engine = Engine(loaded, DecodeFields(block_size=cfg.block_size), mode=cfg.mode, max_running=cfg.rows,
-                    max_tokens_per_step=cfg.max_tokens_per_step)
+    engine = Engine(loaded, cfg.serve_config())
+    turn = EngineLoop(engine, OutputProcessor(loaded.tokenizer))
     sent = 0
 
     def keep_full() -> None:
         nonlocal sent
         while engine.num_running + engine.num_waiting < cfg.rows:
-            engine.add(new_job(loaded, prompts[sent % len(prompts)], cfg.max_tokens))
+            engine.add(new_request(loaded, prompts[sent % len(prompts)], cfg.max_tokens))
             sent += 1
 
     for _ in range(cfg.warmup_steps):
         keep_full()
-        engine.step()
-    spent.clear()
+        turn.step()
+    spent: Counter = Counter()
     committed, admitted, start = 0, 0, time.perf_counter()
     for _ in range(cfg.steps):
         keep_full()
-        stats = engine.step()
+        began = time.perf_counter()
+        stats, _ = turn.step()
+        spent.update(stats.parts)
+        spent[TEXT] += time.perf_counter() - began - stats.seconds
         committed, admitted = committed + stats.committed, admitted + stats.admitted
     total = time.perf_counter() - start
     print(f"{cfg.mode}, {cfg.rows} rows, block {cfg.block_size}, budget {cfg.max_tokens_per_step}: "
           f"{1000 * total / cfg.steps:.2f} ms/step, {committed / total:.0f} tokens/s committed by passes, "
           f"{(committed + admitted) / total:.0f} with the first tokens from prefill")
     for part, seconds in spent.most_common():
-        print(f"  {part:26s} {1000 * seconds / cfg.steps:6.2f} ms/step  {100 * seconds / total:5.1f}%")
+        print(f"  {part:32s} {1000 * seconds / cfg.steps:6.2f} ms/step  {100 * seconds / total:5.1f}%")
     if cfg.static:
         static_batches(cfg, loaded, prompts)
     for size in cfg.prefill_groups:
@@ -127,14 +110,20 @@ def main(argv: list[str] | None = None) -> None:
 
 def static_batches(cfg: StepConfig, loaded, prompts: list[str]) -> None:
     """The same prompts, `rows` at a time, each batch decoded to its end (the static engine)."""
-    decoder = BatchDecoder(loaded, DecodeFields(block_size=cfg.block_size), mode=cfg.mode)
-    decoder.decode([new_job(loaded, p, cfg.max_tokens) for p in prompts[: cfg.rows]])  # warm-up, jobs of its own
-    jobs = [new_job(loaded, p, cfg.max_tokens) for p in prompts]
+    engine = StaticEngine(loaded, cfg.serve_config(engine="static", batch_wait_timeout_s=0.0))
+
+    def decode(requests: list[Request]) -> None:
+        for request in requests:
+            engine.add(request)
+        while engine.has_work():
+            engine.step()
+
+    decode([new_request(loaded, p, cfg.max_tokens) for p in prompts[: cfg.rows]])  # warm-up, requests of its own
+    requests = [new_request(loaded, p, cfg.max_tokens) for p in prompts]
     start = time.perf_counter()
-    for i in range(0, len(jobs), cfg.rows):
-        decoder.decode(jobs[i : i + cfg.rows])
+    decode(requests)
     total = time.perf_counter() - start
-    print(f"static batches of {cfg.rows}: {sum(len(j.tokens) for j in jobs) / total:.0f} tokens/s "
+    print(f"static batches of {cfg.rows}: {sum(len(r.tokens) for r in requests) / total:.0f} tokens/s "
           f"(first tokens included)")
 
 

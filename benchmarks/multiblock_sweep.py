@@ -20,10 +20,9 @@ import torch  # noqa: E402
 from pydantic import Field  # noqa: E402
 
 from cllm.config import StageConfig, load_config  # noqa: E402
-from cllm.decoding import response_budget, special_tokens  # noqa: E402
-from cllm.jacobi import ar_generate, jacobi_generate  # noqa: E402
+from cllm.decoding import DecodeFields, response_budget, special_tokens  # noqa: E402
 from cllm.models import context_length, load_model  # noqa: E402
-from cllm.multiblock import multiblock_generate  # noqa: E402
+from cllm.modes import BASELINE, JACOBI, MODES, MULTIBLOCK  # noqa: E402
 from cllm.tasks import load_task  # noqa: E402
 from cllm.teacher import resolve_model  # noqa: E402
 
@@ -54,20 +53,17 @@ def main(argv: list[str] | None = None) -> None:
     task = load_task("builtin:arith", "test", cfg.limit)
     prompts = [tokenizer(prompt, return_tensors="pt")["input_ids"] for prompt in task.prompts]
 
-    def decoder(name: str):
-        if name == "ar":
-            return lambda ids, budget: ar_generate(model, ids, max_new_tokens=budget, eos_token_id=eos)
-        if name == "jacobi":
-            return lambda ids, budget: jacobi_generate(model, ids, max_new_tokens=budget, block_size=cfg.block_size,
-                                                       eos_token_id=eos)
-        settings = parse_setting(name)
-        return lambda ids, budget: multiblock_generate(model, ids, max_new_tokens=budget, block_size=cfg.block_size,
-                                                       eos_token_id=eos, **settings)
+    decode = DecodeFields(block_size=cfg.block_size)
 
-    names = ["ar", "jacobi", *cfg.settings]
+    def decoder(name: str):
+        mode, settings = (MODES[name], {}) if name in MODES else (MULTIBLOCK, parse_setting(name))
+        return lambda ids, budget: mode.generate(model, ids, max_new_tokens=budget, eos_token_id=eos,
+                                                 **mode.options(decode), **settings)
+
+    names = [BASELINE, JACOBI.name, *cfg.settings]
     decoders = {name: decoder(name) for name in names}
     runs = {name: {"seconds": 0.0, "tokens": [], "passes": 0} for name in names}
-    decoders["jacobi"](prompts[0], 16)  # warm-up
+    decoders[JACOBI.name](prompts[0], 16)  # warm-up
     for ids in prompts:
         budget = response_budget(cfg.max_new_tokens, context_length(model), [ids.shape[1]])
         for name in names:
@@ -80,12 +76,12 @@ def main(argv: list[str] | None = None) -> None:
           f"{cfg.threads} thread(s); setting = K/spawn_after/recycle/recycle_len")
     print("| decoder | TPF | tokens/s | vs AR loop | == AR |")
     print("| --- | ---: | ---: | ---: | ---: |")
-    ar_speed = sum(map(len, runs["ar"]["tokens"])) / runs["ar"]["seconds"]
+    ar_speed = sum(map(len, runs[BASELINE]["tokens"])) / runs[BASELINE]["seconds"]
     for name, run in runs.items():
         speed = sum(map(len, run["tokens"])) / run["seconds"]
         tpf = sum(max(len(t) - 1, 0) for t in run["tokens"]) / run["passes"]
-        same = sum(a == b for a, b in zip(runs["ar"]["tokens"], run["tokens"], strict=True))
-        label = name if name in ("ar", "jacobi") else f"multiblock {name}"
+        same = sum(a == b for a, b in zip(runs[BASELINE]["tokens"], run["tokens"], strict=True))
+        label = name if name in MODES else f"{MULTIBLOCK.name} {name}"
         print(f"| {label} | {tpf:.2f} | {speed:.1f} | {speed / ar_speed:.2f}x | {same}/{len(prompts)} |")
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import Literal
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
@@ -21,35 +20,28 @@ import torch  # noqa: E402
 from pydantic import Field  # noqa: E402
 
 from cllm.config import StageConfig, load_config  # noqa: E402
-from cllm.decoding import response_budget, special_tokens  # noqa: E402
-from cllm.jacobi import ar_generate, jacobi_generate  # noqa: E402
+from cllm.decoding import DecodeFields, response_budget, special_tokens  # noqa: E402
 from cllm.models import context_length, load_model  # noqa: E402
-from cllm.multiblock import multiblock_generate  # noqa: E402
+from cllm.modes import BASELINE, JACOBI, MODES, ModeName  # noqa: E402
 from cllm.sampling import SamplingParams  # noqa: E402
 from cllm.tasks import load_task  # noqa: E402
 from cllm.teacher import resolve_model  # noqa: E402
 
 
-class SamplingBenchConfig(StageConfig):
+class SamplingBenchConfig(StageConfig, DecodeFields):
     model: str = "builtin"
     limit: int = Field(100, ge=1)
     temperatures: list[float] = [0.0, 0.3, 0.7, 1.0]
     top_p: float = Field(1.0, gt=0, le=1)
-    block_size: int = Field(16, ge=1)
-    max_new_tokens: int = Field(256, ge=1)
     threads: int = Field(1, ge=1)
-    methods: list[Literal["jacobi", "multiblock"]] = ["jacobi", "multiblock"]  # besides AR, the reference
+    methods: list[ModeName] = [name for name in MODES if name != BASELINE]  # besides AR, the reference
 
 
 def decode(loaded, ids, method: str, sampling: SamplingParams | None, cfg: SamplingBenchConfig, eos: list[int]):
     budget = response_budget(cfg.max_new_tokens, context_length(loaded.model), [ids.shape[1]])
-    if method == "ar":
-        return ar_generate(loaded.model, ids, max_new_tokens=budget, eos_token_id=eos, sampling=sampling)
-    if method == "multiblock":
-        return multiblock_generate(loaded.model, ids, max_new_tokens=budget, block_size=cfg.block_size,
-                                   eos_token_id=eos, sampling=sampling)
-    return jacobi_generate(loaded.model, ids, max_new_tokens=budget, block_size=cfg.block_size, eos_token_id=eos,
-                           sampling=sampling)
+    mode = MODES[method]
+    return mode.generate(loaded.model, ids, max_new_tokens=budget, eos_token_id=eos, sampling=sampling,
+                         **mode.options(cfg))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -60,12 +52,12 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = loaded.tokenizer
     eos = list(special_tokens(tokenizer, loaded.model.generation_config).eos_ids)
     encoded = [tokenizer(prompt, return_tensors="pt")["input_ids"] for prompt in task.prompts]
-    decode(loaded, encoded[0], "jacobi", None, cfg, eos)  # warm-up
+    decode(loaded, encoded[0], JACOBI.name, None, cfg, eos)  # warm-up
     print(f"model {cfg.model}, {len(encoded)} held-out problems, block {cfg.block_size}, batch 1, top_p {cfg.top_p}")
     print("| temperature | method | TPF | tokens/s | speedup vs AR | accuracy | == AR |")
     print("| ---: | --- | ---: | ---: | ---: | ---: | ---: |")
     for temperature in cfg.temperatures:
-        runs = {method: {"tokens": [], "passes": 0, "seconds": 0.0} for method in ["ar", *cfg.methods]}
+        runs = {method: {"tokens": [], "passes": 0, "seconds": 0.0} for method in [BASELINE, *cfg.methods]}
         for i, ids in enumerate(encoded):
             sampling = SamplingParams(temperature=temperature, top_p=cfg.top_p, seed=i) if temperature else None
             for method, run in runs.items():
@@ -78,10 +70,10 @@ def main(argv: list[str] | None = None) -> None:
         for method, run in runs.items():
             decoded = sum(max(len(tokens) - 1, 0) for tokens in run["tokens"])
             texts = [tokenizer.decode(tokens, skip_special_tokens=True) for tokens in run["tokens"]]
-            same = sum(a == b for a, b in zip(runs["ar"]["tokens"], run["tokens"], strict=True))
+            same = sum(a == b for a, b in zip(runs[BASELINE]["tokens"], run["tokens"], strict=True))
             print(f"| {temperature} | {method} | {decoded / run['passes']:.2f} | {speed[method]:.1f} | "
-                  f"{speed[method] / speed['ar']:.2f}x | {100 * task.accuracy(texts):.1f}% | {same}/{len(encoded)} |",
-                  flush=True)
+                  f"{speed[method] / speed[BASELINE]:.2f}x | {100 * task.accuracy(texts):.1f}% | "
+                  f"{same}/{len(encoded)} |", flush=True)
 
 
 if __name__ == "__main__":

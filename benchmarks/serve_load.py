@@ -34,7 +34,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import get_args
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
@@ -42,18 +42,25 @@ import aiohttp  # noqa: E402
 from pydantic import Field, model_validator  # noqa: E402
 
 from cllm.config import StageConfig, load_config  # noqa: E402
+from cllm.decoding import DecodeFields  # noqa: E402
+from cllm.modes import BASELINE, JACOBI, MODES, ModeName  # noqa: E402
+from cllm.serving.config import ServeOptions  # noqa: E402
 from cllm.tasks import arith  # noqa: E402
 
+EngineKind = ServeOptions.model_fields["engine"].annotation
 
-class LoadConfig(StageConfig):
+
+class LoadConfig(StageConfig, DecodeFields, ServeOptions):
+    """The load, and the servers to put it on: their settings are the server's own (`ServeOptions`,
+    `DecodeFields`: the same names, bounds, defaults and checks), each variant with its `mode` and `engine`
+    taken from `modes` x `engines`."""
+
     model: str | None = None  # default: the server's default (last default pipeline run, else built-in)
     model_name: str = "cllm-bench"
     url: str | None = None  # drive this running server instead of starting one (its own mode only)
-    modes: list[Literal["jacobi", "multiblock", "ar"]] = ["jacobi", "ar"]
-    engines: list[Literal["continuous", "static"]] = ["continuous", "static"]
-    max_tokens_per_step: int = Field(256, ge=1)  # continuous engine's per-pass token budget
-    prefill_first: bool = True  # continuous engine: a step that admits requests runs no pass
-    stream_interval_s: float = Field(0.0, ge=0)  # the server's: at most one write per request per interval
+    modes: list[ModeName] = [JACOBI.name, BASELINE]
+    engines: list[EngineKind] = list(get_args(EngineKind))
+    max_batch_size: int = Field(16, ge=1)  # the server's option, with a larger default for the load levels here
     concurrency: list[int] = [1, 16]
     requests_per_client: int = Field(4, ge=1)
     arrival_rates: list[float] = []  # open loop: requests per second, Poisson arrivals
@@ -61,20 +68,20 @@ class LoadConfig(StageConfig):
     check: bool = True  # compare every answer with greedy `generate` on the same model, in this process
     max_tokens: int = Field(64, ge=1)
     stream: bool = True  # stream answers, which also measures time to first token
-    block_size: int = Field(16, ge=1)
-    init: Literal["prompt", "repeat", "pad", "ngram"] = "prompt"
-    max_batch_size: int = Field(16, ge=1)
-    max_ongoing_requests: int = Field(128, ge=1)  # per replica (requests past max_batch_size queue in it)
-    num_cpus: float = Field(1.0, ge=0)  # per replica
     seed: int = 0
     request_timeout_s: float = Field(300.0, gt=0)
 
     @model_validator(mode="after")
-    def _fits_the_server(self):
-        if self.max_ongoing_requests < self.max_batch_size:  # the server refuses it too (ServeOptions)
-            raise ValueError(f"--max-ongoing-requests ({self.max_ongoing_requests}) must be >= --max-batch-size "
-                             f"({self.max_batch_size})")
+    def _variants_name_mode_and_engine(self):
+        if {"mode", "engine"} & self.model_fields_set:
+            raise ValueError("name the servers' modes and engines with --modes and --engines")
         return self
+
+    def server_args(self, mode: str, engine: str) -> dict:
+        """One variant's ServeConfig fields: these server options, its mode and engine, the model."""
+        options = self.model_dump(include=set(ServeOptions.model_fields) | set(DecodeFields.model_fields))
+        args = {**options, "mode": mode, "engine": engine, "model_name": self.model_name, "seed": self.seed}
+        return args if self.model is None else {**args, "model": self.model}
 
 
 @dataclass
@@ -242,7 +249,7 @@ def start_servers(cfg: LoadConfig) -> dict[str, str]:
     import ray
     from ray import serve
 
-    from cllm.serve import build_app
+    from cllm.serving.api import build_app
 
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
     variants = [(m, e) for m in cfg.modes for e in cfg.engines]
@@ -255,24 +262,8 @@ def start_servers(cfg: LoadConfig) -> dict[str, str]:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     urls = {}
     for mode, engine in variants:
-        args = {
-            "mode": mode,
-            "engine": engine,
-            "max_tokens_per_step": cfg.max_tokens_per_step,
-            "prefill_first": cfg.prefill_first,
-            "stream_interval_s": cfg.stream_interval_s,
-            "model_name": cfg.model_name,
-            "block_size": cfg.block_size,
-            "init": cfg.init,
-            "max_batch_size": cfg.max_batch_size,
-            "max_ongoing_requests": cfg.max_ongoing_requests,
-            "num_cpus": cfg.num_cpus,
-            "seed": cfg.seed,
-        }
-        if cfg.model is not None:
-            args["model"] = cfg.model
         variant = f"{mode}-{engine}"
-        serve.run(build_app(args), name=f"cllm-{variant}", route_prefix=f"/{variant}")
+        serve.run(build_app(cfg.server_args(mode, engine)), name=f"cllm-{variant}", route_prefix=f"/{variant}")
         urls[variant] = f"http://127.0.0.1:{port}/{variant}"
     return urls
 
@@ -376,14 +367,15 @@ def print_table(rows: list[dict]) -> None:
     by_level = {}
     for r in rows:
         by_level.setdefault(r["concurrency"], {})[r["mode"]] = r
+    faster = [mode for mode in MODES if mode != BASELINE]
     for level, variants in by_level.items():
-        for engine in ("continuous", "static"):
-            for mode in ("jacobi", "multiblock"):
-                fast, ar = variants.get(f"{mode}-{engine}"), variants.get(f"ar-{engine}")
-                if fast and ar:
-                    speedup = fast["tok_per_s"] / ar["tok_per_s"]
-                    print(f"concurrency {level}, {engine}: {mode}/ar throughput {speedup:.2f}x")
-        for mode in ("jacobi", "multiblock", "ar"):
+        for engine in get_args(EngineKind):
+            for mode in faster:
+                fast, base = variants.get(f"{mode}-{engine}"), variants.get(f"{BASELINE}-{engine}")
+                if fast and base:
+                    speedup = fast["tok_per_s"] / base["tok_per_s"]
+                    print(f"concurrency {level}, {engine}: {mode}/{BASELINE} throughput {speedup:.2f}x")
+        for mode in [*faster, BASELINE]:
             continuous, static = variants.get(f"{mode}-continuous"), variants.get(f"{mode}-static")
             if continuous and static:
                 ratio = continuous["tok_per_s"] / static["tok_per_s"]

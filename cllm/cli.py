@@ -9,6 +9,7 @@ from pydantic import Field
 
 from cllm.config import StageConfig, load_config
 from cllm.decoding import DecodeFields
+from cllm.errors import ConfigError, run_main
 from cllm.evaluate import (
     EvalOptions,
     data_summary,
@@ -18,7 +19,7 @@ from cllm.evaluate import (
     reference_table,
     write_report,
 )
-from cllm.models import BUILTIN_MODEL
+from cllm.models import BUILTIN_MODEL, check_model_path
 from cllm.tasks import DataFields
 from cllm.teacher import resolve_model
 
@@ -26,11 +27,15 @@ from cllm.teacher import resolve_model
 class BenchConfig(StageConfig, DataFields, DecodeFields, EvalOptions):
     """Decode held-out prompts with every method on every model, in one run."""
 
-    models: list[str] = Field(default_factory=lambda: [BUILTIN_MODEL], min_length=1)
-    seed: int = 0
-    device: str | None = None  # default: cuda when available
-    threads: int | None = Field(None, ge=1, description="torch intra-op threads on CPU")
-    output_dir: str | None = None
+    models: list[str] = Field(
+        default_factory=lambda: [BUILTIN_MODEL], min_length=1,
+        description="the models compared, each a Hugging Face directory or hub name, a GGUF file, or builtin "
+                    "(repeat the option for several; the first is the reference)")
+    seed: int = Field(0, description="seeds the built-in task and the random initial guesses")
+    device: str | None = Field(None, description="cpu or cuda; None: cuda when available")
+    threads: int | None = Field(None, ge=1, description="torch intra-op threads on CPU; None: torch's default")
+    output_dir: str | None = Field(
+        None, description="write the report (JSON, Markdown, plots) here; None: print the tables only")
 
 
 def bench(config: BenchConfig) -> list:
@@ -38,6 +43,8 @@ def bench(config: BenchConfig) -> list:
         torch.set_num_threads(config.threads)
     task = config.load_split(config.split, config.limit, config.seed)
     metric, reason = task.metric(config.metric)
+    for name in config.models:  # a missing model fails now, not after the models before it were evaluated
+        check_model_path(name)
     models = {name: resolve_model(name) for name in config.models}
     results = evaluate_models(models, task, methods=config.methods, decode=config, chat=config.chat,
                               device=config.device, metric=metric, reference=config.models[0])
@@ -50,12 +57,28 @@ def bench(config: BenchConfig) -> list:
     return results
 
 
-def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] not in {"bench"}:
-        print("usage: cllm bench [--config FILE] [--models A --models B] [--dataset SPEC] [--limit N] ...")
+USAGE = """usage: cllm COMMAND [options]
+
+commands:
+  bench    compare decoding methods side by side on one or more models (cllm bench --help lists its options)"""
+
+
+def command(argv: list[str]) -> list | None:
+    """Run the command `argv` names; with none, the usage on stderr and exit code 2, as argparse does."""
+    if argv[:1] == ["bench"]:
+        return bench(load_config(BenchConfig, argv[1:], prog="cllm bench"))
+    if argv[:1] in (["-h"], ["--help"]):
+        print(USAGE)
+        return None
+    if not argv:
+        print(USAGE, file=sys.stderr)
         raise SystemExit(2)
-    bench(load_config(BenchConfig, argv[1:]))
+    raise ConfigError(f"unknown command {argv[0]!r}: the command is bench (cllm bench --help lists its options)")
+
+
+def main(argv: list[str] | None = None) -> list | None:
+    """The `cllm` console script."""
+    return run_main(command, argv)
 
 
 if __name__ == "__main__":

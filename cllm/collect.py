@@ -28,6 +28,7 @@ from transformers import GenerationConfig
 
 from cllm.config import StageConfig, fill_unset
 from cllm.decoding import DecodeFields, special_tokens
+from cllm.errors import ConfigError, DataError
 from cllm.models import (
     BUILTIN_MODEL,
     absolute_if_local,
@@ -64,28 +65,39 @@ SETTINGS_BEFORE_THEY_EXISTED = {"temperature": 0.0, "top_k": 0, "top_p": 1.0}
 class CollectOptions(BaseModel):
     """How much to collect, how to clean it, how many replicas; shared with the pipeline's `collect` section."""
 
-    split: str = "train"
-    limit: int | None = Field(1500, ge=1)  # first N records of the split; null: all
-    batch_size: int = Field(16, ge=1)  # prompts decoded together by one actor
-    dtype: str | None = None  # default: bf16 on GPUs that support it, fp32 elsewhere
-    max_token_run: int = Field(10, ge=0)  # drop blocks with a run of this many identical tokens; 0: keep all
-    repeat_ngram: int = Field(0, ge=0)  # drop blocks repeating an earlier n-gram of this length; 0: off
-    augment_prob: float = Field(0.0, ge=0, le=1)  # chance to correct each later wrong token of a state
-    temperature: float | None = Field(None, ge=0)  # 0: greedy; > 0: sampled (seeded per prompt); None: recipe
-    top_k: int = Field(0, ge=0)  # sampling filters, as in `cllm.sampling.SamplingParams`
-    top_p: float = Field(1.0, gt=0, le=1)
-    actors: int = Field(2, ge=1)  # model replicas
-    cpus_per_actor: float = Field(1.0, gt=0)
-    num_gpus_per_actor: float | None = Field(None, ge=0)  # default: 1 when the cluster has GPUs, else 0
+    split: str = Field("train", description="the dataset split whose prompts are decoded")
+    limit: int | None = Field(1500, ge=1, description="the first N records of the split; None: all")
+    batch_size: int = Field(16, ge=1, description="prompts decoded together by one actor")
+    dtype: str | None = Field(
+        None, description="float32, bfloat16 or float16; None: bfloat16 on GPUs that support it, float32 elsewhere")
+    max_token_run: int = Field(
+        10, ge=0, description="drop blocks with a run of this many identical tokens; 0: keep all")
+    repeat_ngram: int = Field(
+        0, ge=0, description="drop blocks that repeat an earlier n-gram of this length; 0: off")
+    augment_prob: float = Field(
+        0.0, ge=0, le=1, description="chance to correct each later wrong token of a recorded state")
+    temperature: float | None = Field(
+        None, ge=0, description="0: greedy; > 0: sampled, seeded per prompt; None: the recipe's (sampled for the "
+                                "built-in teacher, greedy for other models)")
+    top_k: int = Field(0, ge=0, description="sample from the k likeliest tokens only; 0: no limit")
+    top_p: float = Field(
+        1.0, gt=0, le=1, description="sample from the fewest likeliest tokens holding this probability; 1: no limit")
+    actors: int = Field(2, ge=1, description="model replicas decoding in parallel")
+    cpus_per_actor: float = Field(1.0, gt=0, description="CPUs each actor reserves (and its torch threads)")
+    num_gpus_per_actor: float | None = Field(
+        None, ge=0, description="GPUs each actor reserves; None: 1 when the cluster has GPUs, else 0")
 
 
 class CollectConfig(StageConfig, DataFields, DecodeFields, CollectOptions):
     """One collection run: the options plus which teacher, which data, and where the rows go."""
 
-    model: str = BUILTIN_MODEL  # teacher: HF directory or hub name ("builtin": resolved by the entry point)
-    seed: int = 0  # built-in task generation and initial guesses
-    output: str  # directory of Parquet files, one row per block
-    ray_address: str | None = None  # CLI only: None joins RAY_ADDRESS / a running cluster or starts one
+    model: str = Field(
+        BUILTIN_MODEL,
+        description="the teacher: a Hugging Face directory or hub name, a GGUF file, or builtin (the project's own)")
+    seed: int = Field(0, description="seeds the built-in task's problems and the initial guesses")
+    output: str = Field(description="directory of Parquet files, one row per block; a rerun resumes it")
+    ray_address: str | None = Field(
+        None, description="the Ray cluster to use; None: RAY_ADDRESS, a running cluster, or a new local one")
 
     @model_validator(mode="after")
     def fill_recipe(self) -> CollectConfig:
@@ -167,7 +179,7 @@ def plan_collection(config: CollectConfig, resolve_model: Callable[[str], str] =
                                     eos_token_id=special.eos_id)
     dropped = {**task.set_aside, **dropped}  # rows unreadable as prompts (numbered by row), then by prompt id
     if not prompts:
-        raise ValueError(f"no prompt of {config.dataset!r} can be decoded: {describe_dropped(dropped, context)}")
+        raise DataError(f"no prompt of {config.dataset!r} can be decoded: {describe_dropped(dropped, context)}")
     if dropped:
         logger.warning("setting aside %s", describe_dropped(dropped, context))
     settings = DecodeSettings(
@@ -256,7 +268,7 @@ def check_resources(actors: int, cpus: float, gpus: float) -> None:
     have = ray.cluster_resources()
     for name, each in (("CPU", cpus), ("GPU", gpus)):
         if actors * each > have.get(name, 0):
-            raise ValueError(
+            raise ConfigError(
                 f"{actors} actor(s) x {each:g} {name} need {actors * each:g} {name}s; the Ray cluster has "
                 f"{have.get(name, 0):g}: lower --actors or the per-actor {name} count"
             )

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from cllm.errors import DataError
 from cllm.losses import (
     ANSWER_SEGMENT,
     IGNORE_INDEX,
@@ -39,7 +40,7 @@ def check_columns(columns: Iterable[str], objective: str) -> None:
     missing = [c for c in needed if c not in set(columns)]
     if missing:
         kind = "AR records" if objective == "ar" else "trajectory records"
-        raise ValueError(f"objective {objective!r} needs {kind} with columns {list(needed)}; missing {missing}")
+        raise DataError(f"objective {objective!r} needs {kind} with columns {list(needed)}; missing {missing}")
 
 
 def record_name(record: dict) -> str:

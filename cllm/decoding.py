@@ -22,10 +22,12 @@ GuessStrategy = Literal[GUESS_STRATEGIES]  # the allowed values are the strategi
 class DecodeFields(BaseModel):
     """The decoding knobs, declared once; stage configs inherit them (flat keys: `--block-size 32`)."""
 
-    block_size: int = Field(16, ge=1)  # tokens refined together by one Jacobi pass
-    max_new_tokens: int = Field(256, ge=1)  # cut further where the model's context ends
-    init: GuessStrategy = "prompt"  # initial guesses; never changes the output, only the passes it takes
-    max_iters: int | None = Field(None, ge=1)  # passes per block before it restarts; default: block_size
+    block_size: int = Field(16, ge=1, description="tokens refined together by one Jacobi pass")
+    max_new_tokens: int = Field(
+        256, ge=1, description="new tokens per prompt at most (fewer where the model's context ends)")
+    init: GuessStrategy = Field(
+        "prompt", description="initial guesses of a block; they never change the output, only the passes it takes")
+    max_iters: int | None = Field(None, ge=1, description="passes per block before it restarts; None: block_size")
 
 
 @dataclass(frozen=True)

@@ -24,9 +24,8 @@ import torch
 from pydantic import BaseModel, Field
 
 from cllm.decoding import DecodeFields, response_budget, special_tokens
-from cllm.jacobi import ar_generate, jacobi_generate
 from cllm.models import LoadedModel, context_length, format_prompt, load_model
-from cllm.multiblock import multiblock_generate
+from cllm.modes import JACOBI, MODES
 from cllm.tasks import Metric, Task, choose_metric, describe_set_aside, score
 from cllm.trajectories import EMPTY_PROMPT, PROMPT_TOO_LONG
 
@@ -39,13 +38,18 @@ Method = Literal[METHODS]
 class EvalOptions(BaseModel):
     """Which held-out prompts and which methods; shared by `cllm bench` and the pipeline's `eval` section."""
 
-    split: str = "test"
-    limit: int = Field(100, ge=1)
-    methods: list[Method] = Field(default_factory=lambda: list(DEFAULT_METHODS), min_length=1)
-    # The pipeline's teacher rows: its accuracy and plain Jacobi's TPF before consistency training. The
-    # other baselines say nothing new on the teacher and cost a third of a first run's evaluation.
-    teacher_methods: list[Method] = Field(default_factory=lambda: ["ar", "jacobi"], min_length=1)
-    metric: Metric = "auto"  # numeric (GSM8K), exact (trimmed text), none, or auto (cllm.tasks.scoring)
+    split: str = Field("test", description="the dataset split whose prompts are evaluated")
+    limit: int = Field(100, ge=1, description="the first N records of the split")
+    methods: list[Method] = Field(
+        default_factory=lambda: list(DEFAULT_METHODS), min_length=1,
+        description="the decoding methods compared (repeat the option for several)")
+    # The other baselines say nothing new on the teacher and cost a third of a first run's evaluation.
+    teacher_methods: list[Method] = Field(
+        default_factory=lambda: ["ar", "jacobi"], min_length=1,
+        description="the pipeline's methods for the teacher: its accuracy and plain Jacobi's speed before training")
+    metric: Metric = Field(
+        "auto", description="numeric (GSM8K's final number), exact (the trimmed text), none, or auto (from the "
+                            "answers)")
 
 
 @dataclass
@@ -122,13 +126,12 @@ def count_forwards(model):
 def decoders(loaded: LoadedModel, *, decode: DecodeFields, lookup_tokens: int) -> dict[str, Callable]:
     """Each method as `fn(input_ids, max_new_tokens) -> (new token ids, commit histogram or None)`, batch 1.
 
-    "jacobi" uses the configured initial guess (default: from the prompt), "jacobi_ngram" the n-gram pool,
-    "multiblock" two blocks in flight (`cllm.multiblock`, its measured defaults: rejection recycling off).
+    Every decoding mode of `cllm.modes` by its name, with the configured settings (multi-block: its measured
+    defaults, rejection recycling off); "jacobi_ngram" is Jacobi with the n-gram pool's guesses.
     """
     model = loaded.model
     special = special_tokens(loaded.tokenizer, model.generation_config)
     common = dict(eos_token_id=list(special.eos_ids) or None, pad_token_id=special.pad_id)
-    jacobi = dict(block_size=decode.block_size, max_iters=decode.max_iters)
 
     def hf(**extra):
         def run(ids, budget):
@@ -137,19 +140,17 @@ def decoders(loaded: LoadedModel, *, decode: DecodeFields, lookup_tokens: int) -
             return out[0, ids.shape[1]:].tolist(), None
         return run
 
-    def ours(fn, **extra):
+    def ours(mode, settings: DecodeFields):
         def run(ids, budget):
-            out = fn(model, ids, max_new_tokens=budget, **common, **extra)
+            out = mode.generate(model, ids, max_new_tokens=budget, **common, **mode.options(settings))
             return out.sequences[0, ids.shape[1]:].tolist(), out.commit_histogram
         return run
 
     return {
         "hf_greedy": hf(),
-        "ar": ours(ar_generate),
-        "jacobi": ours(jacobi_generate, init=decode.init, **jacobi),
-        "jacobi_ngram": ours(jacobi_generate, init="ngram", **jacobi),
+        **{name: ours(mode, decode) for name, mode in MODES.items()},
+        "jacobi_ngram": ours(JACOBI, decode.model_copy(update={"init": "ngram"})),
         "hf_prompt_lookup": hf(prompt_lookup_num_tokens=lookup_tokens),
-        "multiblock": ours(multiblock_generate, init=decode.init, block_size=decode.block_size),
     }
 
 

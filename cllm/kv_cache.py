@@ -24,6 +24,8 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer, get_layer_types_and_kwargs
 
+from cllm.errors import UnsupportedModelError
+
 ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
 NO_CACHE_LAYER_TYPES = ("dummy",)  # attention-free layers, and layers reading another layer's KV
 RECURRENT_LAYER_TYPES = ("linear_attention", "conv", "hybrid", "hybrid_sliding")
@@ -70,9 +72,10 @@ def forward_parameters(model_class: type) -> frozenset[str]:
     return frozenset(inspect.signature(model_class.forward).parameters)
 
 
-def refuse(model, reason: str) -> ValueError:
+def refuse(model, reason: str) -> UnsupportedModelError:
     family = getattr(model.config, "model_type", None) or "unknown"
-    return ValueError(f"{type(model).__name__} ({family}) cannot be decoded exactly by Jacobi decoding: {reason}")
+    return UnsupportedModelError(
+        f"{type(model).__name__} ({family}) cannot be decoded exactly by Jacobi decoding: {reason}")
 
 
 def unsupported_reason(model) -> str | None:
@@ -107,7 +110,8 @@ def unsupported_reason(model) -> str | None:
 
 
 def check_supported(model) -> AttentionLayout:
-    """The model's attention layout, or a ValueError naming the family and why its output would not be exact."""
+    """The model's attention layout, or an UnsupportedModelError naming the family and why its output would not
+    be exact."""
     reason = unsupported_reason(model)
     if reason is not None:
         raise refuse(model, reason)

@@ -16,12 +16,10 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+from cllm.errors import ModelLoadError
+
 BUILTIN_MODEL = "builtin"
 TEACHER_METADATA = "teacher.json"  # what marks a directory as the built-in teacher (its recipe and score)
-
-
-class ModelLoadError(ValueError):
-    """The model path or name cannot be loaded as a causal LM."""
 
 
 @dataclass
@@ -65,6 +63,13 @@ def is_missing_path(name_or_path: str) -> bool:
     return name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1
 
 
+def check_model_path(name_or_path: str) -> None:
+    """Refuse a model written as a local path that does not exist: cheap, so entry points call it before any work."""
+    if is_missing_path(name_or_path):
+        raise ModelLoadError(f"cannot load a model from {name_or_path!r}: the model path does not exist (a model is "
+                             "a Hugging Face directory or hub name, a GGUF file, or builtin)")
+
+
 def absolute_if_local(name_or_path: str) -> str:
     """An existing local path made absolute (Ray's workers run in other directories); a hub name as it is."""
     path = Path(name_or_path).expanduser()
@@ -88,8 +93,7 @@ def causal_lm_config(name_or_path: str):
             f"{BUILTIN_MODEL!r} names the project's built-in teacher, which is not built yet at this point: "
             "resolve it first with cllm.teacher.resolve_model (the entry points do)"
         )
-    if is_missing_path(name_or_path):
-        raise ModelLoadError(f"cannot load a model from {name_or_path!r}: the model path does not exist")
+    check_model_path(name_or_path)
     try:
         config = AutoConfig.from_pretrained(name_or_path)
     except (OSError, ValueError) as err:

@@ -21,9 +21,10 @@ from pydantic import Field, model_validator
 from cllm.collect import CollectConfig, CollectOptions
 from cllm.config import StageConfig
 from cllm.decoding import DecodeFields
+from cllm.errors import DataError
 from cllm.evaluate import EvalOptions
-from cllm.models import BUILTIN_MODEL
-from cllm.serve import ServeConfig, ServeOptions
+from cllm.models import BUILTIN_MODEL, check_model_path
+from cllm.serving.config import ServeConfig, ServeOptions
 from cllm.tasks import DataFields, Task, describe_set_aside
 from cllm.tasks.splits import prompt_key
 from cllm.teacher import TeacherConfig
@@ -36,16 +37,21 @@ class PipelineConfig(StageConfig, DataFields, DecodeFields):
     The sections are the stage configs' own option classes, so a default is written once, in the stage.
     """
 
-    model: str = BUILTIN_MODEL  # a Hugging Face name or directory; "builtin" = the project's own teacher
-    output_dir: str = "outputs/default"
-    use_gpu: bool = False
-    serve: bool = False  # deploy the CLLM on Ray Serve at the end and keep serving
-    seed: int = 0
-    teacher: TeacherConfig = Field(default_factory=TeacherConfig)  # recipe of the built-in teacher only
-    collect: CollectOptions = Field(default_factory=CollectOptions)
-    train: TrainOptions = Field(default_factory=TrainOptions)
-    eval: EvalOptions = Field(default_factory=EvalOptions)
-    serve_options: ServeOptions = Field(default_factory=ServeOptions)
+    model: str = Field(
+        BUILTIN_MODEL,
+        description="the teacher: a Hugging Face directory or hub name, a GGUF file, or builtin (the project's own)")
+    output_dir: str = Field(
+        "outputs/default", description="where every stage writes; a rerun skips the stages finished there")
+    use_gpu: bool = Field(False, description="collect, train, evaluate and serve on GPUs")
+    serve: bool = Field(False, description="deploy the CLLM on Ray Serve at the end and keep serving")
+    seed: int = Field(0, description="seeds the built-in task, the initial guesses and training")
+    teacher: TeacherConfig = Field(
+        default_factory=TeacherConfig, description="the built-in teacher's recipe (used with --model builtin only)")
+    collect: CollectOptions = Field(default_factory=CollectOptions, description="stage 2: collecting trajectories")
+    train: TrainOptions = Field(default_factory=TrainOptions, description="stage 3: consistency training")
+    eval: EvalOptions = Field(
+        default_factory=EvalOptions, description="stage 4: the teacher and the CLLM on held-out prompts")
+    serve_options: ServeOptions = Field(default_factory=ServeOptions, description="serving, with --serve")
 
     @model_validator(mode="after")
     def exported_model_loads(self) -> PipelineConfig:
@@ -138,6 +144,7 @@ def run_pipeline(config: PipelineConfig) -> dict:
 
     collect_task, eval_task = load_data(config)
     warn_shared_prompts(collect_task, eval_task)
+    check_model_path(config.model)
     if not ray.is_initialized():
         ray.init()  # no address: joins the cluster a job was submitted to, else starts a local one
     out = config.out
@@ -179,7 +186,7 @@ def run_pipeline(config: PipelineConfig) -> dict:
     times = ", ".join(f"{stage} {seconds:.0f} s" for stage, seconds in log.seconds.items())
     print(f"pipeline finished in {time.perf_counter() - started:.0f} s ({times})", flush=True)
     if config.serve:
-        from cllm.serve import serve_until_stopped
+        from cllm.serving.api import serve_until_stopped
 
         serve_until_stopped(serve_config(config, cllm_dir))
     return report
@@ -224,7 +231,7 @@ def check_eval_prompts(config: PipelineConfig, teacher: str, evaluation: Task) -
     decoded, _, set_aside = prepare_prompts(load_tokenizer(teacher), evaluation.prompts, chat=config.chat,
                                             context=context)
     if not decoded:
-        raise ValueError(f"no prompt of the evaluation split {config.eval.split!r} can be decoded: "
+        raise DataError(f"no prompt of the evaluation split {config.eval.split!r} can be decoded: "
                          f"{describe_set_aside(set_aside)} (the teacher's context is {context} tokens)")
 
 

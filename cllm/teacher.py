@@ -22,7 +22,6 @@ trained teacher in the package.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -36,8 +35,9 @@ import torch
 from filelock import FileLock
 from pydantic import Field
 
-from cllm.config import StageConfig
+from cllm.config import ArgumentParser, StageConfig, load_config
 from cllm.decoding import response_budget
+from cllm.errors import run_main
 from cllm.models import BUILTIN_MODEL, TEACHER_METADATA, encode_prompts, is_builtin_teacher, load_model
 from cllm.tasks import accuracy, arith
 
@@ -55,29 +55,32 @@ WEIGHTS_FILE = "model.safetensors"
 class TeacherConfig(StageConfig):
     """The recipe. Defaults: 90% held-out accuracy after 1,200 steps (11 to 42 minutes on 2 CPU cores, measured)."""
 
-    seed: int = 0
-    n_problems: int = Field(38400, ge=1)  # training problems: one epoch = 1200 steps of 2 x 16
-    tokenizer_problems: int = Field(5000, ge=1)  # problems the tokenizer is trained on
-    vocab_size: int = Field(512, ge=64)
-    hidden_size: int = Field(192, ge=8)
-    num_layers: int = Field(4, ge=1)
-    num_heads: int = Field(4, ge=1)
-    intermediate_size: int = Field(512, ge=8)
-    max_position_embeddings: int = Field(256, ge=64)
-    lr: float = Field(2e-3, gt=0)
-    weight_decay: float = Field(0.01, ge=0)
-    warmup_ratio: float = Field(0.05, ge=0, lt=1)
-    batch_size: int = Field(32, ge=1)  # per worker
+    seed: int = Field(0, description="seeds the problems, the initial weights and the training order")
+    n_problems: int = Field(
+        38400, ge=1, description="training problems; an epoch is n_problems / (batch_size x num_workers) steps")
+    tokenizer_problems: int = Field(5000, ge=1, description="problems the tokenizer is trained on")
+    vocab_size: int = Field(512, ge=64, description="the tokenizer's vocabulary size")
+    hidden_size: int = Field(192, ge=8, description="the model's width")
+    num_layers: int = Field(4, ge=1, description="transformer layers")
+    num_heads: int = Field(4, ge=1, description="attention heads per layer")
+    intermediate_size: int = Field(512, ge=8, description="the width of each layer's MLP")
+    max_position_embeddings: int = Field(256, ge=64, description="the model's context, in tokens")
+    lr: float = Field(2e-3, gt=0, description="peak learning rate")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay")
+    warmup_ratio: float = Field(
+        0.05, ge=0, lt=1, description="share of the steps spent warming the learning rate up")
+    batch_size: int = Field(32, ge=1, description="problems per optimizer step, per worker")
     # One worker reading the one records file in order makes the run repeat exactly: with two, Ray Data
     # split the blocks by timing, and the same recipe gave 90.0% on a quiet machine and 76.0% on a busy one.
-    num_workers: int = Field(1, ge=1)
-    threads: int = Field(2, ge=1)  # torch threads of that worker (fixed: the thread count can change sums)
-    max_steps: int | None = Field(None, ge=1)  # None: one epoch over n_problems
+    num_workers: int = Field(1, ge=1, description="Ray Train workers; 1 makes a run repeat exactly")
+    threads: int = Field(
+        2, ge=1, description="torch threads of each worker (fixed: the thread count can change sums)")
+    max_steps: int | None = Field(None, ge=1, description="optimizer steps; None: one epoch over n_problems")
     # The teacher's records are one file written in a fixed order, so the plain feed already repeats;
     # the hash-ordered feed (cllm/feed.py) trained a 25.5% teacher where the plain one gave 90%.
-    ordered_feed: bool = False
-    eval_problems: int = Field(200, ge=1)  # held-out problems scored after training
-    eval_batch_size: int = Field(100, ge=1)
+    ordered_feed: bool = Field(False, description="feed the records in cllm.feed's hashed order instead of file order")
+    eval_problems: int = Field(200, ge=1, description="held-out problems scored after training")
+    eval_batch_size: int = Field(100, ge=1, description="problems decoded together when scoring")
 
     def cache_key(self) -> str:
         """Names the cached teacher: everything that changes the weights (not the eval settings)."""
@@ -319,17 +322,16 @@ def ship(model_dir: Path, shipped: Path = SHIPPED_DIR) -> Path:
     return shipped
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str]) -> None:
     """`python -m cllm.teacher [--cache-dir DIR] [--retrain] [--ship] [--config FILE] [--hidden-size 256 ...]`."""
-    from cllm.config import load_config
-
-    parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--cache-dir", default=None)
+    parser = ArgumentParser(add_help=False)
+    parser.add_argument("--cache-dir", metavar="DIR", default=None,
+                        help=f"where teachers are cached (default: ${CACHE_ENV}, else ~/.cache/cllm)")
     parser.add_argument("--retrain", action="store_true", help="train the recipe again, ignoring every copy")
     parser.add_argument("--ship", action="store_true", help="copy the result into the package")
     known, rest = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO)
-    config = load_config(TeacherConfig, rest)
+    config = load_config(TeacherConfig, rest, parents=[parser])
     path = ensure_builtin_teacher(known.cache_dir, config, retrain=known.retrain)
     print(path)
     print((path / METADATA_FILE).read_text())
@@ -342,4 +344,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from filelock import FileLock, Timeout
 
+from cllm.errors import ConfigError
 from cllm.trajectories import BatchStats
 
 logger = logging.getLogger(__name__)
@@ -35,13 +36,13 @@ LOCK = "_collect.lock"
 def exclusive(output: Path) -> Iterator[None]:
     """Hold the output's lock: a second run would take the first one's unfinished files for debris."""
     if output.exists() and not output.is_dir():
-        raise ValueError(f"--output {output} is a file; give a directory")
+        raise ConfigError(f"--output {output} is a file; give a directory")
     output.mkdir(parents=True, exist_ok=True)
     try:
         lock = FileLock(output / LOCK, timeout=0)
         lock.acquire()
     except Timeout:
-        raise ValueError(f"another collection run is writing to {output}; wait for it or stop it") from None
+        raise ConfigError(f"another collection run is writing to {output}; wait for it or stop it") from None
     try:
         yield
     finally:
@@ -65,12 +66,12 @@ def open_manifest(output: Path, settings: dict, absent_means: dict, plan_summary
         changed = {k: (before[k], v) for k, v in settings.items() if k in before and before[k] != v}
         if changed:
             diff = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
-            raise ValueError(
+            raise ConfigError(
                 f"{output} holds a collection made with other settings ({diff}); "
                 "rerun with the same settings to resume, or choose another --output"
             )
     elif data_files(output) if output.is_dir() else False:
-        raise ValueError(f"{output} already holds Parquet files that no collection run wrote; choose another --output")
+        raise ConfigError(f"{output} already holds Parquet files that no collection run wrote; choose another --output")
     else:
         manifest = {"settings": settings, "prompt_id": "index of the record in the dataset split",
                     "empty_batches": [], "runs": []}
@@ -106,7 +107,7 @@ def scan_output(output: Path) -> OutputScan:
         try:
             found = set(pq.read_table(path, columns=["batch_id"])["batch_id"].to_pylist())
         except (pa.ArrowException, KeyError) as err:
-            raise ValueError(f"{path} is not a trajectory file of this collection: {err}") from err
+            raise ConfigError(f"{path} is not a trajectory file of this collection: {err}") from err
         if found <= batches:  # a write that completed after its run was killed, and was redone
             logger.warning("deleting %s: its batches are already in other files", path)
             path.unlink()

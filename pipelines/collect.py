@@ -11,28 +11,22 @@ Rerunning the same command after an interruption decodes only the prompts not ye
 
 from __future__ import annotations
 
-import sys
-
 import checkout  # noqa: F401  (cllm importable here and in Ray workers, without installing)
 import ray
 
 from cllm.collect import CollectConfig, CollectResult, plan_collection, run_collection
 from cllm.config import load_config
+from cllm.errors import run_main
 from cllm.teacher import resolve_model
 
 
-def main(argv: list[str] | None = None) -> CollectResult:
-    try:
-        config = load_config(CollectConfig, sys.argv[1:] if argv is None else argv)
-        plan = plan_collection(config, resolve_model)  # bad data or model fails here, before Ray starts
-        config = config.model_copy(update={"model": plan.model_path})
-    except ValueError as err:
-        sys.exit(f"error: {err}")
+def main(argv: list[str]) -> CollectResult:
+    config = load_config(CollectConfig, argv)
+    plan = plan_collection(config, resolve_model)  # bad data or model fails here, before Ray starts
+    config = config.model_copy(update={"model": plan.model_path})
     ray.init(address=config.ray_address, include_dashboard=False)
     try:
         result = run_collection(config, plan)
-    except ValueError as err:
-        sys.exit(f"error: {err}")
     finally:
         ray.shutdown()
     print(result.summary())
@@ -40,4 +34,4 @@ def main(argv: list[str] | None = None) -> CollectResult:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -8,21 +8,16 @@ Keys are BenchConfig's (cllm/cli.py): the models, the data, the decoding setting
 
 from __future__ import annotations
 
-import sys
-
 import checkout  # noqa: F401  (cllm importable here and in Ray workers, without installing)
 
 from cllm.cli import BenchConfig, bench
 from cllm.config import load_config
+from cllm.errors import run_main
 
 
-def main(argv: list[str] | None = None) -> list:
-    try:
-        config = load_config(BenchConfig, sys.argv[1:] if argv is None else argv)
-    except ValueError as err:
-        sys.exit(f"error: {err}")
-    return bench(config)
+def main(argv: list[str]) -> list:
+    return bench(load_config(BenchConfig, argv))
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -7,12 +7,16 @@
 
 from __future__ import annotations
 
-import sys
-
 import checkout  # noqa: F401  (cllm importable here and in Ray workers, without installing)
 
 from cllm.config import load_config
+from cllm.errors import run_main
 from cllm.pipeline import PipelineConfig, run_pipeline
 
+
+def main(argv: list[str]) -> dict:
+    return run_pipeline(load_config(PipelineConfig, argv))
+
+
 if __name__ == "__main__":
-    run_pipeline(load_config(PipelineConfig, sys.argv[1:]))
+    run_main(main)

@@ -5,36 +5,32 @@
     python pipelines/serve.py --config configs/serve.yaml --max-replicas 2
 
 The default model is the CLLM of the last default pipeline run (outputs/default/cllm) if there is one,
-otherwise the built-in teacher. Keys are ServeConfig's (cllm/serve.py). On a running cluster,
+otherwise the built-in teacher. Keys are ServeConfig's (cllm/serving/config.py). On a running cluster,
 `serve deploy configs/serve.yaml` deploys the same application.
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
-
 import checkout  # noqa: F401  (cllm importable here and in Ray workers, without installing)
 import ray
 
-from cllm.config import load_config
-from cllm.serve import ServeConfig, ready_config, serve_file_values, serve_until_stopped
+from cllm.config import ArgumentParser, load_config
+from cllm.errors import run_main
+from cllm.serving.api import ready_config, serve_until_stopped
+from cllm.serving.config import ServeConfig, serve_file_values
 
 
 def parse(argv: list[str]) -> ServeConfig:
     """ServeConfig keys from `--config FILE` (plain keys, or a Ray Serve config file) and the command line."""
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = ArgumentParser(add_help=False)
     pre.add_argument("--config", default=None)
     known, rest = pre.parse_known_args(argv)
     values = serve_file_values(known.config) if known.config else {}
     return load_config(ServeConfig, rest, **values)
 
 
-def main(argv: list[str] | None = None) -> None:
-    try:
-        config = ready_config(parse(sys.argv[1:] if argv is None else argv))
-    except ValueError as err:  # ConfigError, ModelLoadError: a message, not a traceback
-        sys.exit(f"error: {err}")
+def main(argv: list[str]) -> None:
+    config = ready_config(parse(argv))  # a bad setting or a missing model fails here, before Ray starts
     ray.init(address=config.ray_address, include_dashboard=False)
     try:
         serve_until_stopped(config)
@@ -43,4 +39,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

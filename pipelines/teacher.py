@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import checkout  # noqa: F401  (cllm importable here and in Ray workers, without installing)
 
+from cllm.errors import run_main
 from cllm.teacher import main
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -12,27 +12,23 @@ lands in --output-dir as an ordinary HF directory.
 from __future__ import annotations
 
 import json
-import sys
 
 import checkout  # noqa: F401  (cllm importable here and in Ray workers, without installing)
 import ray
 
 from cllm.config import load_config
+from cllm.errors import run_main
 from cllm.teacher import resolve_model
 from cllm.train.config import TrainConfig
-from cllm.train.driver import TrainResult, run_training
+from cllm.train.driver import TrainResult, check_inputs, run_training
 
 
-def main(argv: list[str] | None = None) -> TrainResult:
-    try:
-        config = load_config(TrainConfig, sys.argv[1:] if argv is None else argv)
-    except ValueError as err:
-        sys.exit(f"error: {err}")
+def main(argv: list[str]) -> TrainResult:
+    config = load_config(TrainConfig, argv)
+    check_inputs(config)  # missing records or a missing model fail here, before Ray starts
     ray.init(address=config.ray_address, include_dashboard=False)
     try:
         result = run_training(config, resolve_model=resolve_model)
-    except ValueError as err:
-        sys.exit(f"error: {err}")
     finally:
         ray.shutdown()
     print(f"model saved to {result.model_dir}")
@@ -41,4 +37,4 @@ def main(argv: list[str] | None = None) -> TrainResult:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

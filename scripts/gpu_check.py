@@ -130,7 +130,7 @@ def check_serve(model_dir: Path, args) -> str:
     import requests
     from ray import serve
 
-    from cllm.serve import build_app
+    from cllm.serving.api import build_app
 
     port = dry_run_module().free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -554,7 +554,8 @@ def serve_under_node_loss(harness: Harness, rate: float, before_s: float, after_
     import ray
     from ray import serve
 
-    from cllm.serve import ServeConfig, build_app
+    from cllm.serving.api import build_app
+    from cllm.serving.config import ServeConfig
 
     cluster, port = harness.cluster, free_port()
     ray.init(address=cluster.address, log_to_driver=False)

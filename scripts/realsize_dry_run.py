@@ -318,7 +318,7 @@ def serve_requests(model_dir: Path, args, figures: StageFigures) -> bool:
     import requests
     from ray import serve
 
-    from cllm.serve import build_app
+    from cllm.serving.api import build_app
     from cllm.tasks import load_task
 
     sock_port = free_port()

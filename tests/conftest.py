@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
@@ -210,6 +211,23 @@ def greedy_text(loaded, text: str, max_tokens: int) -> str:
     return loaded.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
 
+def sampled_tokens(loaded, text: str, max_tokens: int, **settings) -> list[int]:
+    """The reference for a sampled answer: in-process `ar_generate` with the same settings, cut at its EOS."""
+    from cllm.decoding import special_tokens
+    from cllm.jacobi import ar_generate
+    from cllm.sampling import SamplingParams
+
+    ids = loaded.tokenizer(text, return_tensors="pt")["input_ids"]
+    eos = list(special_tokens(loaded.tokenizer, loaded.model.generation_config).eos_ids)
+    out = ar_generate(loaded.model, ids, max_new_tokens=max_tokens, eos_token_id=eos,
+                      sampling=SamplingParams(**settings))
+    return out.sequences[0, ids.shape[1] : ids.shape[1] + out.new_tokens[0]].tolist()
+
+
+def sampled_text(loaded, text: str, max_tokens: int, **settings) -> str:
+    return loaded.tokenizer.decode(sampled_tokens(loaded, text, max_tokens, **settings), skip_special_tokens=True)
+
+
 BYTE_MERGES = [("t", "h"), ("h", "e")]  # a GGUF of type gpt2 lists its merges; two are enough to be used
 
 
@@ -326,3 +344,169 @@ def config_for(tmp_path: Path, model: Path, data: Path, **overrides) -> TrainCon
 
 def checkpoints(config: TrainConfig) -> list[Path]:
     return sorted(p for p in Path(config.storage_path, config.run_name).glob("checkpoint_*") if p.is_dir())
+
+
+# --- the served model and its cluster: the HTTP tests' shared fixtures ------------------------------------
+
+SERVED_CONTEXT = 160  # the served tiny model's context: requests near it probe the server's context checks
+SERVED_NAME = "tiny-bytes"
+
+
+@pytest.fixture(scope="module")
+def served_dir(tmp_path_factory):
+    """The tiny byte-level Llama the server tests deploy, as a model directory."""
+    return byte_llama_dir(tmp_path_factory, SERVED_CONTEXT)
+
+
+@pytest.fixture(scope="module")
+def served(served_dir):
+    """The same model loaded here: the reference every answer is checked against."""
+    from cllm.models import load_model
+
+    return load_model(str(served_dir), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def serve_cluster():
+    """A fresh local Ray with Serve on a free loopback port for one test module; yields the base URL."""
+    import ray
+    from ray import serve
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+# --- the serving engines without Ray or HTTP ---------------------------------------------------------------
+
+
+def engine_config(**fields):
+    """A ServeConfig for an engine: the server's defaults, these fields (the engines declare none of their own)."""
+    from cllm.serving.config import ServeConfig
+
+    return ServeConfig(model="unused", **fields)
+
+
+def new_request(tokenizer, text: str, max_tokens: int, stop=(), sampling=None):
+    from cllm.serving.request import Request
+
+    return Request(prompt_ids=tokenizer(text)["input_ids"], max_tokens=max_tokens, stop=tuple(stop),
+                   sampling=sampling)
+
+
+def eos_ids(loaded) -> list[int]:
+    configured = loaded.model.generation_config.eos_token_id
+    configured = [] if configured is None else [configured] if isinstance(configured, int) else list(configured)
+    return sorted({loaded.tokenizer.eos_token_id, *configured})
+
+
+@torch.inference_mode()
+def greedy_alone(loaded, prompt_ids: list[int], max_tokens: int) -> list[int]:
+    """The reference: `generate(do_sample=False)` of the prompt alone, cut after its first EOS."""
+    ids = torch.tensor([prompt_ids])
+    eos = eos_ids(loaded)
+    out = loaded.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_tokens,
+                                eos_token_id=eos, pad_token_id=0)[0, ids.shape[1] :].tolist()
+    for i, token in enumerate(out):
+        if token in eos:
+            return out[: i + 1]
+    return out
+
+
+class Served:
+    """Requests through an engine and the output processor, stepped here (what the engine thread does): the
+    text each request was sent, piece by piece, and the requests in the order they ended."""
+
+    def __init__(self, engine, tokenizer):
+        from cllm.serving.bridge import EngineLoop
+        from cllm.serving.output import OutputProcessor
+
+        self.engine = engine
+        self.loop = EngineLoop(engine, OutputProcessor(tokenizer))
+        self.deltas: dict[str, list[str]] = {}
+        self.ended: list = []
+
+    def step(self):
+        stats, texts = self.loop.step()
+        for output in texts:
+            if output.text:
+                self.deltas.setdefault(output.request.request_id, []).append(output.text)
+            if output.finished:
+                self.ended.append(output.request)
+        return stats
+
+    def run_until_idle(self) -> None:
+        while self.engine.has_work():
+            self.step()
+
+    def text(self, request) -> str:
+        return "".join(self.deltas.get(request.request_id, []))
+
+
+# ----- decoder-only families: one tiny model per config class, and left-padded prompts -----
+
+VOCAB = 160
+WINDOW = 8
+BLOCK = 16
+MAX_NEW = 48
+SIZES = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             max_position_embeddings=256)
+# untied: a tiny Gemma with tied, sqrt(hidden)-scaled embeddings repeats one token forever
+GEMMA = dict(head_dim=8, query_pre_attn_scalar=8, sliding_window=WINDOW, tie_word_embeddings=False,
+             layer_types=["sliding_attention", "full_attention"])
+MIXED = dict(sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"])
+MOE = dict(num_local_experts=4, num_experts_per_tok=2)
+
+# family -> (config class, config arguments); SIZES apply unless the class names sizes its own way
+FAMILIES = {
+    "llama": ("LlamaConfig", SIZES),
+    "mistral": ("MistralConfig", dict(SIZES, sliding_window=WINDOW)),
+    "mixtral": ("MixtralConfig", dict(SIZES, sliding_window=WINDOW, **MOE)),
+    "qwen2": ("Qwen2Config", SIZES),
+    "qwen2-sliding": ("Qwen2Config", dict(SIZES, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1)),
+    "qwen3": ("Qwen3Config", dict(SIZES, head_dim=8)),
+    "qwen3-moe": ("Qwen3MoeConfig", dict(SIZES, head_dim=8, num_experts=4, num_experts_per_tok=2,
+                                          moe_intermediate_size=32, use_sliding_window=True, sliding_window=WINDOW)),
+    "gemma2": ("Gemma2Config", dict(SIZES, **GEMMA)),
+    "gemma3": ("Gemma3TextConfig", dict(SIZES, **GEMMA)),
+    "phi3": ("Phi3Config", dict(SIZES, sliding_window=WINDOW)),
+    "olmo2": ("Olmo2Config", SIZES),
+    "granite": ("GraniteConfig", SIZES),
+    "smollm3": ("SmolLM3Config", dict(SIZES, no_rope_layers=[1, 0])),
+    "ministral": ("MinistralConfig", dict(SIZES, head_dim=8, sliding_window=WINDOW)),
+    "cohere2": ("Cohere2Config", dict(SIZES, **MIXED)),
+    "olmo3": ("Olmo3Config", dict(SIZES, **MIXED)),
+    "gpt-oss": ("GptOssConfig", dict(SIZES, head_dim=8, num_local_experts=4, num_experts_per_tok=2, **MIXED)),
+    "gpt-neox": ("GPTNeoXConfig", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                       max_position_embeddings=256)),
+    "opt": ("OPTConfig", dict(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+                              word_embed_proj_dim=32, max_position_embeddings=256)),
+    "gpt2": ("GPT2Config", dict(n_embd=32, n_layer=2, n_head=4, n_positions=256)),
+}
+
+
+def tiny_family_model(config_class: str, arguments: dict, seed: int = 0, vocab_size: int = VOCAB):
+    """A tiny fp32 model of the family; a wide init spreads the logits, so argmax has no near-ties."""
+    config_type = getattr(transformers, config_class, None)
+    if config_type is None:
+        pytest.skip(f"{config_class} is not in the installed transformers {transformers.__version__}")
+    config = config_type(vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=0, initializer_range=0.3,
+                         **arguments)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config).float().eval()
+
+
+def left_padded_prompts(lengths=(11, 6), seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    input_ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    for row, length in enumerate(lengths):
+        input_ids[row, width - length:] = torch.randint(3, VOCAB, (length,), generator=generator)
+        mask[row, width - length:] = 1
+    return input_ids, mask

@@ -373,7 +373,7 @@ def test_serve_import_path_imports_and_builds_the_application():
 def test_serve_config_matches_local_serve_config():
     """The cluster serves the same application as configs/serve.yaml does locally.
 
-    The local file may be a Serve deploy config (`applications:`) or the flat `cllm.serve.ServeConfig`
+    The local file may be a Serve deploy config (`applications:`) or the flat `cllm.serving.config.ServeConfig`
     of pipelines/serve.py; either way the application's name and route must agree.
     """
     local = yaml.safe_load((REPO / "configs" / "serve.yaml").read_text())
@@ -381,11 +381,11 @@ def test_serve_config_matches_local_serve_config():
     if "applications" in local:
         assert _applications({"applications": [app]}) == _applications(local)
     else:
-        from cllm.serve import ServeConfig
+        from cllm.serving.config import ServeConfig
 
         flat = ServeConfig(**local)
         assert (app["name"], app["route_prefix"]) == (flat.app_name, flat.route_prefix)
-        assert app["import_path"] == "cllm.serve:build_app"
+        assert app["import_path"] == "cllm.serving.api:build_app"
 
 
 def _applications(config: dict) -> list[tuple]:

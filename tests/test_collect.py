@@ -225,8 +225,8 @@ def test_cli_reports_bad_input_without_a_traceback(tmp_path):
     proc = cli("--dataset", str(tmp_path / "missing.jsonl"), "--output", str(tmp_path / "o"),
                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "RAY_ADDRESS": ""})
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 1
-    assert err.strip().endswith(f"error: dataset file not found: {tmp_path / 'missing.jsonl'}")
+    assert proc.returncode == 2
+    assert err.strip().startswith(f"error: dataset file not found: {tmp_path / 'missing.jsonl'}")
     assert "Traceback" not in err
 
 
@@ -243,5 +243,5 @@ def test_settings_load_from_yaml_with_cli_overrides(tmp_path):
     config = load_config(CollectConfig, ["--config", str(path), "--actors", "1", "--num-gpus-per-actor", "1"])
     assert (config.output, config.dataset, config.block_size, config.actors) == ("out", "data.jsonl", 32, 1)
     assert config.num_gpus_per_actor == 1 and config.model == "builtin" and config.max_new_tokens == 256
-    with pytest.raises(ValueError, match="block_size"):
+    with pytest.raises(ValueError, match="block-size"):
         load_config(CollectConfig, ["--output", "o", "--block-size", "0"])

@@ -14,7 +14,7 @@ from cllm.decoding import DecodeFields
 from cllm.evaluate import DEFAULT_METHODS, METHODS, EvalOptions
 from cllm.guesses import GUESS_STRATEGIES
 from cllm.pipeline import PipelineConfig, collect_config, serve_config, train_config
-from cllm.serve import ServeConfig, ServeOptions, serve_file_values
+from cllm.serving.config import ServeConfig, ServeOptions, serve_file_values
 from cllm.train.config import TrainConfig, TrainOptions
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -96,3 +96,27 @@ def test_the_pipeline_refuses_an_unmerged_adapter_it_could_not_evaluate():
     with pytest.raises(ValueError, match="merge_lora"):
         load_config(PipelineConfig, ["--train.lora-rank", "8", "--no-train.merge-lora"])
     assert load_config(PipelineConfig, ["--train.lora-rank", "8"]).train.merge_lora
+
+
+SERVE_YAML_CHOICES = {"model": "builtin"}  # what configs/serve.yaml sets on purpose; every other key is a default
+
+
+def test_serve_yaml_spells_out_the_servers_defaults():
+    """configs/serve.yaml names the server's settings with their values in the code: a default changed in the
+    code fails here instead of leaving the file to disagree with it."""
+    values = serve_file_values(CONFIGS / "serve.yaml")
+    assert {key: values.get(key) for key in SERVE_YAML_CHOICES} == SERVE_YAML_CHOICES
+    defaults = ServeConfig(model="unused").model_dump()
+    differ = {key: (value, defaults[key]) for key, value in values.items()
+              if key not in SERVE_YAML_CHOICES and value != defaults[key]}
+    assert not differ, f"configs/serve.yaml (written, code default): {differ}"
+
+
+@pytest.mark.parametrize("name", [name for name, loader in LOADERS.items()
+                                  if loader is load_pipeline and name != "pipeline.yaml"])
+def test_pipeline_configs_carry_only_the_serve_options_they_change(name):
+    """pipeline.yaml lists every key at its default (checked above); the other pipeline configs name only
+    the serving options they change, so no copy of a default can go stale."""
+    written = yaml.safe_load((CONFIGS / name).read_text()).get("serve_options") or {}
+    defaults = ServeOptions().model_dump()
+    assert {key: value for key, value in written.items() if value == defaults[key]} == {}

@@ -45,3 +45,9 @@ def test_decode_fields_refuse_bad_values():
     with pytest.raises(ValueError, match="block_size"):
         DecodeFields(block_size=0)
     assert DecodeFields().block_size == 16 and DecodeFields().max_iters is None
+
+
+def test_left_pad():
+    ids, mask = left_pad([[7, 8, 9], [4]], pad_token_id=0)
+    assert ids.tolist() == [[7, 8, 9], [0, 0, 4]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]

@@ -3,18 +3,32 @@ whatever shares its steps and whenever it arrived."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 
 import pytest
 import torch
-from conftest import BYTE_VOCAB, byte_level_tokenizer, char_tokenizer, tiny_model
+from conftest import (
+    BYTE_VOCAB,
+    Served,
+    byte_level_tokenizer,
+    char_tokenizer,
+    engine_config,
+    eos_ids,
+    greedy_alone,
+    new_request,
+    tiny_model,
+)
 
-from cllm.decoding import DecodeFields
-from cllm.engine import Engine, EngineThread, layer_tensors, row_alone, window_for
 from cllm.models import LoadedModel
-from cllm.serving import DecodeJob
-from cllm.streaming import TextStream
+from cllm.modes import MODES
+from cllm.serving.bridge import AsyncEngine
+from cllm.serving.engine import Engine
+from cllm.serving.request import Request
+from cllm.serving.scheduler import window_for
+
+greedy = greedy_alone  # the reference: generate(do_sample=False) of the prompt alone
 
 PROMPTS = ["Hello there", "a", "The quick brown fox jumps", "x = 1 + 2", "zz", "Once upon a time, far away", "42"]
 
@@ -29,58 +43,33 @@ def byte_loaded():
     return LoadedModel(tiny_model("llama", vocab_size=BYTE_VOCAB), byte_level_tokenizer(), "tiny-bytes")
 
 
-def eos_ids(loaded: LoadedModel) -> list[int]:
-    configured = loaded.model.generation_config.eos_token_id
-    configured = [] if configured is None else [configured] if isinstance(configured, int) else list(configured)
-    return sorted({loaded.tokenizer.eos_token_id, *configured})
+def job(loaded: LoadedModel, text: str, max_tokens: int, stop=()) -> Request:
+    return new_request(loaded.tokenizer, text, max_tokens, stop)
 
 
-@torch.inference_mode()
-def greedy(loaded: LoadedModel, prompt_ids: list[int], max_tokens: int) -> list[int]:
-    """The reference: `generate(do_sample=False)` of the prompt alone, cut after its first EOS."""
-    ids = torch.tensor([prompt_ids])
-    eos = eos_ids(loaded)
-    out = loaded.model.generate(
-        ids,
-        attention_mask=torch.ones_like(ids),
-        do_sample=False,
-        max_new_tokens=max_tokens,
-        eos_token_id=eos,
-        pad_token_id=0,
-    )[0, ids.shape[1] :].tolist()
-    for i, token in enumerate(out):
-        if token in eos:
-            return out[: i + 1]
-    return out
-
-
-def job(loaded: LoadedModel, text: str, max_tokens: int, stop=()) -> DecodeJob:
-    return DecodeJob(
-        prompt_ids=loaded.tokenizer(text)["input_ids"], max_tokens=max_tokens, text=TextStream(loaded.tokenizer, stop)
-    )
-
-
-def engine(loaded: LoadedModel, block_size: int = 4, **kwargs) -> Engine:
-    return Engine(loaded, DecodeFields(block_size=block_size), **kwargs)
+def engine(loaded: LoadedModel, block_size: int = 4, mode: str = "jacobi", **fields) -> Engine:
+    return Engine(loaded, engine_config(block_size=block_size, mode=mode, **fields))
 
 
 def check_cache_layout(eng: Engine) -> None:
     """The cache is one row per running request, and each row holds exactly its prompt and committed tokens."""
-    if not eng.running:
-        assert eng.cache is None
+    running, cache = eng.runner.running, eng.runner.cache
+    if not running:
+        assert cache is None
         return
-    assert eng.cache_mask.shape[0] == len(eng.running)
-    real = eng.cache_mask.sum(1).tolist()
-    assert real == [len(e.row.prompt) + len(e.row.generated) - 1 for e in eng.running]
-    for layer in eng.cache.layers:
-        assert layer.keys.shape[0] == len(eng.running) and layer.keys.shape[-2] == eng.cache_mask.shape[1]
+    assert cache.mask.shape[0] == len(running)
+    real = cache.mask.sum(1).tolist()
+    assert real == [len(e.row.prompt) + len(e.row.generated) - 1 for e in running]
+    for layer in cache.cache.layers:
+        assert layer.keys.shape[0] == len(running) and layer.keys.shape[-2] == cache.mask.shape[1]
 
 
-@pytest.mark.parametrize("mode", ["jacobi", "ar", "multiblock"])
+@pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_staggered_arrivals_each_equal_greedy_generate(arch, mode):
     loaded = LoadedModel(tiny_model(arch), char_tokenizer(), arch)
-    eng = engine(loaded, block_size=4, mode=mode, max_running=8)
+    eng = engine(loaded, block_size=4, mode=mode, max_batch_size=8)
+    served = Served(eng, loaded.tokenizer)
     budgets = [30, 7, 25, 16, 40, 12, 20]
     jobs = [job(loaded, p, n) for p, n in zip(PROMPTS, budgets, strict=True)]
     arrivals = {0: [0, 1], 2: [2], 3: [3, 4], 7: [5], 12: [6]}  # step -> requests added before it
@@ -88,13 +77,13 @@ def test_staggered_arrivals_each_equal_greedy_generate(arch, mode):
     while step <= max(arrivals) or eng.has_work():
         for i in arrivals.get(step, []):
             eng.add(jobs[i])
-        eng.step()
+        served.step()
         check_cache_layout(eng)
         step += 1
     for j, n in zip(jobs, budgets, strict=True):
         assert j.error is None
         assert j.tokens == greedy(loaded, j.prompt_ids, n)
-        assert j.text.text == loaded.tokenizer.decode(j.tokens, skip_special_tokens=True)
+        assert served.text(j) == loaded.tokenizer.decode(j.tokens, skip_special_tokens=True)
         assert j.finish_reason in ("stop", "length")
         assert 0 <= j.queue_seconds <= j.time_to_first_token
         if mode == "ar":
@@ -102,9 +91,9 @@ def test_staggered_arrivals_each_equal_greedy_generate(arch, mode):
         else:
             assert 0 < j.forward_passes <= len(j.tokens) - 1
     assert max(j.batch_size for j in jobs) > 1
-    assert eng.cache is None and eng.cache_width == 0
-    if mode == "multiblock":
-        assert eng.dec.blocks_spawned > 0  # rows did run two blocks at once
+    assert eng.runner.cache is None and eng.cache_width == 0
+    if MODES[mode].several_blocks:
+        assert eng.runner.blocks_spawned > 0  # rows did run two blocks at once
 
 
 def test_eos_in_the_middle_of_a_block():
@@ -129,11 +118,12 @@ def test_stop_string_ends_the_request_and_its_row(char_loaded):
     full = char_loaded.tokenizer.decode(greedy(char_loaded, prompt_ids, 40), skip_special_tokens=True)
     stop = full[10:12]
     eng = engine(char_loaded, block_size=4)
+    served = Served(eng, char_loaded.tokenizer)
     stopped, other = job(char_loaded, "x = 1 + 2", 40, stop=[stop]), job(char_loaded, "zz", 40)
     eng.add(stopped)
     eng.add(other)
-    eng.run_until_idle()
-    assert stopped.text.text == full[: full.index(stop)]
+    served.run_until_idle()
+    assert served.text(stopped) == full[: full.index(stop)]
     assert stopped.finish_reason == "stop" and len(stopped.tokens) < 40
     assert other.tokens == greedy(char_loaded, other.prompt_ids, 40)
 
@@ -145,7 +135,7 @@ def test_max_tokens_one_comes_from_prefill_alone(char_loaded):
     eng.step()
     single = job(char_loaded, "Hello there", 1)
     eng.add(single)
-    stats = eng.step()
+    stats = eng.step().stats
     assert stats.admitted == 1 and stats.finished == 1 and eng.num_running == 1  # it never joined a pass
     check_cache_layout(eng)
     eng.run_until_idle()
@@ -156,41 +146,44 @@ def test_max_tokens_one_comes_from_prefill_alone(char_loaded):
 
 def test_abort_frees_the_row_within_one_step_and_leaves_the_others_exact(char_loaded):
     eng = engine(char_loaded, block_size=4)
+    served = Served(eng, char_loaded.tokenizer)
     jobs = [job(char_loaded, p, 60) for p in PROMPTS[:3]]
-    ended: list[int] = []
-    for i, j in enumerate(jobs):
-        j.on_done = lambda i=i: ended.append(i)
+    for j in jobs:
         eng.add(j)
     for _ in range(3):
-        eng.step()
+        served.step()
     waiting = job(char_loaded, "never", 10)
     eng.add(waiting)
     eng.abort(waiting)
     eng.abort(jobs[1])
     tokens_at_abort = len(jobs[1].tokens)
-    eng.step()
-    assert eng.num_running == 2 and jobs[1] not in [e.job for e in eng.running]
-    assert ended == [1] and eng.num_waiting == 0
+    served.step()
+    assert eng.num_running == 2 and jobs[1] not in [e.request for e in eng.runner.running]
+    assert served.ended == [waiting, jobs[1]] and eng.num_waiting == 0
     check_cache_layout(eng)
-    eng.run_until_idle()
+    served.run_until_idle()
     assert len(jobs[1].tokens) == tokens_at_abort and jobs[1].finish_reason is None
     assert waiting.tokens == []
     for i in (0, 2):
         assert jobs[i].tokens == greedy(char_loaded, jobs[i].prompt_ids, 60)
-    assert sorted(ended) == [0, 1, 2]
+    assert sorted(map(jobs.index, served.ended[1:])) == [0, 1, 2]
 
 
-def test_a_failing_client_fails_its_request_alone(char_loaded):
+def test_a_request_whose_text_fails_fails_alone(char_loaded):
+    """The output processor cannot make one request's text: that request ends with the error, its row leaves
+    the engine, and the requests sharing its steps go on exactly."""
     eng = engine(char_loaded, block_size=4)
+    served = Served(eng, char_loaded.tokenizer)
     jobs = [job(char_loaded, p, 30) for p in PROMPTS[:3]]
 
-    def broken(_delta):
+    def broken(_tokens):
         raise ConnectionError("client went away")
 
-    jobs[1].on_text = broken
+    served.loop.processor.stream(jobs[1]).push = broken
     for j in jobs:
         eng.add(j)
-    eng.run_until_idle()
+    served.run_until_idle()
+    assert jobs[1] in served.ended and eng.num_running == 0
     assert "client went away" in jobs[1].error
     for i in (0, 2):
         assert jobs[i].error is None and jobs[i].tokens == greedy(char_loaded, jobs[i].prompt_ids, 30)
@@ -202,12 +195,12 @@ def test_prefill_first_but_never_two_prefill_only_steps_in_a_row(char_loaded):
     eng = engine(char_loaded, block_size=4)
     jobs = [job(char_loaded, p, 20) for p in PROMPTS]
     eng.add(jobs[0])
-    first = eng.step()
+    first = eng.step().stats
     assert first.admitted == 1 and first.running == 0 and len(jobs[0].tokens) == 1  # its first token is out
     shapes = []
     for j in jobs[1:]:  # one arrival before every step
         eng.add(j)
-        stats = eng.step()
+        stats = eng.step().stats
         shapes.append((stats.admitted, stats.running > 0))
     assert shapes == [(1, True), (1, False), (1, True), (1, False), (1, True), (1, False)]
     eng.run_until_idle()
@@ -215,7 +208,7 @@ def test_prefill_first_but_never_two_prefill_only_steps_in_a_row(char_loaded):
         assert j.tokens == greedy(char_loaded, j.prompt_ids, 20)
     plain = engine(char_loaded, block_size=4, prefill_first=False)
     plain.add(job(char_loaded, PROMPTS[0], 20))
-    assert plain.step().running == 1  # the old order: admit and pass in one step
+    assert plain.step().stats.running == 1  # the old order: admit and pass in one step
 
 
 def test_queue_time_is_the_wait_before_admission_and_the_prefill_comes_after_it(char_loaded):
@@ -232,19 +225,19 @@ def test_queue_time_is_the_wait_before_admission_and_the_prefill_comes_after_it(
         assert j.queue_seconds < j.time_to_first_token
 
 
-@pytest.mark.parametrize("mode", ["jacobi", "multiblock"])
+@pytest.mark.parametrize("mode", [name for name, mode in MODES.items() if not mode.one_token])
 def test_token_budget_shrinks_blocks_down_to_ar(char_loaded, mode):
     assert window_for(8, 1, 64) == 8 and window_for(8, 4, 8) == 2 and window_for(8, 20, 8) == 1
     eng = engine(char_loaded, block_size=8, max_tokens_per_step=8, mode=mode)
     budgets = [60, 12, 12, 12, 12]
     jobs = [job(char_loaded, p, n) for p, n in zip(PROMPTS, budgets, strict=False)]
     eng.add(jobs[0])
-    assert eng.step().running == 0  # prefill first: the admitting step runs no pass
-    windows = [eng.step().window]  # alone: a full block of 8
+    assert eng.step().stats.running == 0  # prefill first: the admitting step runs no pass
+    windows = [eng.step().stats.window]  # alone: a full block of 8
     for j in jobs[1:]:
         eng.add(j)
     while eng.has_work():
-        stats = eng.step()
+        stats = eng.step().stats
         if stats.running:
             windows.append(stats.window)
             assert stats.slots <= 8
@@ -259,14 +252,14 @@ def test_multiblock_rows_run_two_blocks_while_the_budget_allows(char_loaded):
     eng = engine(char_loaded, block_size=4, mode="multiblock", max_tokens_per_step=16)
     first = job(char_loaded, PROMPTS[2], 40)
     eng.add(first)
-    alone = [eng.step().slots for _ in range(8)]
+    alone = [eng.step().stats.slots for _ in range(8)]
     assert max(alone) > 4  # a second block in flight
     others = [job(char_loaded, p, 24) for p in PROMPTS[3:6]]
     for j in others:
         eng.add(j)
     crowded = []
     while eng.has_work():
-        stats = eng.step()
+        stats = eng.step().stats
         if stats.running == 4:
             crowded.append(stats)
     assert crowded and all(s.window == 4 and s.slots <= 16 for s in crowded)  # 16 slots / 4 rows: one block
@@ -276,19 +269,18 @@ def test_multiblock_rows_run_two_blocks_while_the_budget_allows(char_loaded):
 
 def test_byte_level_streaming_never_splits_a_character(byte_loaded):
     eng = engine(byte_loaded, block_size=4)
+    served = Served(eng, byte_loaded.tokenizer)
     prompts = ["héllo wörld", "中文 text", "🎉 party", "naïve café"]
     jobs = [job(byte_loaded, p, 40) for p in prompts]
-    deltas: list[list[str]] = [[] for _ in jobs]
-    for i, j in enumerate(jobs):
-        j.on_text = deltas[i].append
     for j in jobs:
         eng.add(j)
-        eng.step()
-    eng.run_until_idle()
-    for j, d in zip(jobs, deltas, strict=True):
+        served.step()
+    served.run_until_idle()
+    for j in jobs:
+        d = served.deltas[j.request_id]
         assert j.tokens == greedy(byte_loaded, j.prompt_ids, 40)
         expected = byte_loaded.tokenizer.decode(j.tokens, skip_special_tokens=True)
-        assert "".join(d) == j.text.text == expected
+        assert "".join(d) == served.text(j) == expected
         assert not any(delta.endswith("\ufffd") for delta in d[:-1])  # an unfinished character waits
 
 
@@ -303,10 +295,10 @@ def test_cache_width_follows_live_requests_not_history(char_loaded):
             eng.add(queue.pop(0))
         eng.step()
         check_cache_layout(eng)
-        if eng.running:  # compacted at every step: no unused column on the left, few anywhere
-            used = eng.cache_mask.any(0)
+        if eng.runner.running:  # compacted at every step: no unused column on the left, few anywhere
+            used = eng.runner.cache.mask.any(0)
             assert bool(used[0]) and int((~used).sum()) <= 0.25 * len(used)
-            capacities += [layer.key_buffer.shape[2] for layer in eng.cache.layers]
+            capacities += [layer.key_buffer.shape[2] for layer in eng.runner.cache.cache.layers]
         widths.append(eng.cache_width)
     longest_pair = 2 * max(len(j.prompt_ids) + j.max_tokens for j in jobs)
     # at most three steps of growth beyond two live requests (never compacted, this run reaches ~300 columns)
@@ -317,23 +309,22 @@ def test_cache_width_follows_live_requests_not_history(char_loaded):
 
 
 def test_a_failing_pass_fails_its_requests_and_the_engine_goes_on(char_loaded, monkeypatch):
-    import cllm.engine
+    import cllm.serving.runner
 
     eng = engine(char_loaded, block_size=4)
+    served = Served(eng, char_loaded.tokenizer)
     jobs = [job(char_loaded, p, 20) for p in PROMPTS[:2]]
-    ended = []
     for j in jobs:
-        j.on_done = lambda j=j: ended.append(j)
         eng.add(j)
 
     def broken_forward(*_args, **_kwargs):
         raise RuntimeError("device lost")
 
-    monkeypatch.setattr(cllm.engine, "jacobi_forward", broken_forward)
-    eng.step()  # the prefill
-    eng.step()  # the first pass
-    assert all("device lost" in j.error for j in jobs) and ended == jobs
-    assert not eng.has_work() and eng.cache is None
+    monkeypatch.setattr(cllm.serving.runner, "jacobi_forward", broken_forward)
+    served.step()  # the prefill
+    served.step()  # the first pass
+    assert all("device lost" in j.error for j in jobs) and served.ended == jobs
+    assert not eng.has_work() and eng.runner.cache is None
     monkeypatch.undo()
     later = job(char_loaded, "Hello there", 20)
     eng.add(later)
@@ -349,16 +340,15 @@ def test_a_request_whose_prefill_fails_fails_alone(char_loaded):
     eng = engine(char_loaded, block_size=4)
     jobs = [job(char_loaded, p, 20) for p in PROMPTS[:3]]
     jobs[1].prompt_ids = jobs[1].prompt_ids + [OUTSIDE_THE_VOCABULARY]  # past `add`'s check, as a bug would be
-    ended = []
+    served = Served(eng, char_loaded.tokenizer)
     for j in jobs:
-        j.on_done = lambda j=j: ended.append(j)
-        eng.waiting.append(j)
-    eng.run_until_idle()
-    assert "IndexError" in jobs[1].error and jobs[1] in ended
+        eng.scheduler.waiting.append(j)
+    served.run_until_idle()
+    assert "IndexError" in jobs[1].error and jobs[1] in served.ended
     for i in (0, 2):
         assert jobs[i].error is None and jobs[i].tokens == greedy(char_loaded, jobs[i].prompt_ids, 20)
     with pytest.raises(ValueError, match="token ids must be in"):
-        eng.add(DecodeJob(prompt_ids=[5, OUTSIDE_THE_VOCABULARY], max_tokens=5, text=TextStream(char_loaded.tokenizer)))
+        eng.add(Request(prompt_ids=[5, OUTSIDE_THE_VOCABULARY], max_tokens=5))
 
 
 def test_a_row_that_breaks_the_pass_fails_alone_and_the_others_stay_exact(char_loaded):
@@ -370,11 +360,11 @@ def test_a_row_that_breaks_the_pass_fails_alone_and_the_others_stay_exact(char_l
         eng.add(j)
     eng.step()
     eng.step()
-    broken = eng.running[1]
+    broken = eng.runner.running[1]
     broken.row.window[-1] = OUTSIDE_THE_VOCABULARY
     width = eng.cache_width
-    stats = eng.step()
-    assert "IndexError" in broken.job.error and stats.finished == 1
+    stats = eng.step().stats
+    assert "IndexError" in broken.request.error and stats.finished == 1
     assert eng.num_running == 2 and eng.cache_width == width  # the failed pass left nothing behind
     check_cache_layout(eng)
     eng.run_until_idle()
@@ -389,29 +379,33 @@ def test_a_row_alone_is_a_copy_of_that_row_only(char_loaded):
         eng.add(job(char_loaded, p, 24))
     eng.step()
     eng.step()
-    shared = [(layer.keys.clone(), layer.values.clone()) for layer in layer_tensors(eng.cache)]
-    alone = row_alone(eng.cache, 1)
-    for layer, (keys, values) in zip(layer_tensors(alone), shared, strict=True):
+    cache = eng.runner.cache
+    shared = [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers()]
+    alone = cache.row_alone(1)
+    assert torch.equal(alone.mask, cache.mask[1:2])  # the row's mask comes with it
+    for layer, (keys, values) in zip(alone.layers(), shared, strict=True):
         assert torch.equal(layer.keys, keys[1:2]) and torch.equal(layer.values, values[1:2])
         assert layer.key_buffer.shape[0] == 1  # no other row, no spare rows
-    eng.forward(alone, eng.cache_mask[1:2], [eng.running[1].row])  # writes its window into the copy only
-    for layer, (keys, values) in zip(layer_tensors(eng.cache), shared, strict=True):
+    eng.runner.forward(alone, [eng.runner.running[1].row])  # writes its window into the copy only
+    for layer, (keys, values) in zip(cache.layers(), shared, strict=True):
         assert torch.equal(layer.keys, keys) and torch.equal(layer.values, values)
-    assert layer_tensors(alone)[0].keys.shape[-2] > shared[0][0].shape[-2]
+    assert alone.layers()[0].keys.shape[-2] > shared[0][0].shape[-2]
 
 
 def test_a_request_that_cannot_fit_is_refused_before_it_joins(char_loaded):
     eng = engine(char_loaded)
     with pytest.raises(ValueError, match="context"):
-        eng.add(DecodeJob(prompt_ids=[5] * 500, max_tokens=20, text=TextStream(char_loaded.tokenizer)))
+        eng.add(Request(prompt_ids=[5] * 500, max_tokens=20))
+    with pytest.raises(ValueError, match="prompt is empty"):
+        eng.add(Request(prompt_ids=[], max_tokens=5))
     with pytest.raises(ValueError, match="max_tokens"):
-        eng.add(DecodeJob(prompt_ids=[], max_tokens=5, text=TextStream(char_loaded.tokenizer)))
+        eng.add(Request(prompt_ids=[5], max_tokens=0))
     assert not eng.has_work()
 
 
-def test_engine_thread_steps_requests_added_from_other_threads(char_loaded):
-    """The replica's driver: requests arrive from other threads at any moment, each still equals generate;
-    the thread sleeps while there is no work and outlives a failing step callback."""
+def test_async_engine_steps_requests_added_from_other_threads(char_loaded):
+    """The replica's driver: requests arrive from other threads' event loops at any moment, each still equals
+    generate; the engine thread sleeps while there is no work and outlives a failing step callback."""
     eng = engine(char_loaded, block_size=4)
     steps_seen, failures = [], 0
 
@@ -422,34 +416,37 @@ def test_engine_thread_steps_requests_added_from_other_threads(char_loaded):
             failures += 1
             raise RuntimeError("metrics backend down")
 
-    stepper = EngineThread(eng, on_step=on_step)
-    done = {i: threading.Event() for i in range(len(PROMPTS))}
+    bridge = AsyncEngine(eng, char_loaded.tokenizer, on_step=on_step)
     jobs = {i: job(char_loaded, p, 24) for i, p in enumerate(PROMPTS)}
-    for i, j in jobs.items():
-        j.on_done = done[i].set
+    texts: dict[int, str] = {}
 
-    def arrive(indices, delay):
-        time.sleep(delay)
-        for i in indices:
-            stepper.add(jobs[i])
+    async def arrive(indices, delay):
+        await asyncio.sleep(delay)
+        streams = [(i, bridge.generate([jobs[i]])) for i in indices]
+        for i, stream in streams:
+            texts[i] = "".join([output.text async for output in stream])
 
-    arrivals = [threading.Thread(target=arrive, args=(list(range(k, len(PROMPTS), 3)), 0.02 * k)) for k in range(3)]
+    arrivals = [threading.Thread(target=asyncio.run, args=(arrive(list(range(k, len(PROMPTS), 3)), 0.02 * k),))
+                for k in range(3)]
     for t in arrivals:
         t.start()
     for t in arrivals:
-        t.join()
-    assert all(done[i].wait(60) for i in jobs)
-    assert failures == 1 and stepper.alive
-    for j in jobs.values():
+        t.join(60)
+    assert sorted(texts) == sorted(jobs)
+    assert failures == 1 and bridge.alive
+    for i, j in jobs.items():
         assert j.error is None and j.tokens == greedy(char_loaded, j.prompt_ids, 24)
+        assert texts[i] == char_loaded.tokenizer.decode(j.tokens, skip_special_tokens=True)
     assert sum(s.admitted for s in steps_seen) == len(PROMPTS)
     idle_steps = eng.steps
     time.sleep(0.2)
     assert eng.steps == idle_steps  # no work: no steps
     late = job(char_loaded, "late", 8)
-    late_done = threading.Event()
-    late.on_done = late_done.set
-    stepper.add(late)
-    assert late_done.wait(60) and late.tokens == greedy(char_loaded, late.prompt_ids, 8)
-    stepper.stop(timeout=10)
-    assert not stepper.alive
+
+    async def ask_late():
+        return [output async for output in bridge.generate([late])]
+
+    outputs = asyncio.run(asyncio.wait_for(ask_late(), 60))
+    assert outputs[-1].finished and late.tokens == greedy(char_loaded, late.prompt_ids, 8)
+    bridge.stop(timeout=10)
+    assert not bridge.alive

@@ -9,75 +9,21 @@ from __future__ import annotations
 
 import pytest
 import torch
-import transformers
-from transformers import AutoModelForCausalLM
+from conftest import (
+    BLOCK,
+    FAMILIES,
+    MAX_NEW,
+    SIZES,
+    WINDOW,
+    left_padded_prompts,
+    tiny_family_model,
+)
 
-from cllm.decoding import DecodeFields
-from cllm.engine import Engine
 from cllm.jacobi import ar_generate, jacobi_generate
 from cllm.kv_cache import check_supported, visible_keys
 from cllm.models import LoadedModel
-
-VOCAB = 160
-WINDOW = 8
-BLOCK = 16
-MAX_NEW = 48
-SIZES = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-             max_position_embeddings=256)
-# untied: a tiny Gemma with tied, sqrt(hidden)-scaled embeddings repeats one token forever
-GEMMA = dict(head_dim=8, query_pre_attn_scalar=8, sliding_window=WINDOW, tie_word_embeddings=False,
-             layer_types=["sliding_attention", "full_attention"])
-MIXED = dict(sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"])
-MOE = dict(num_local_experts=4, num_experts_per_tok=2)
-
-# family -> (config class, config arguments); SIZES apply unless the class names sizes its own way
-FAMILIES = {
-    "llama": ("LlamaConfig", SIZES),
-    "mistral": ("MistralConfig", dict(SIZES, sliding_window=WINDOW)),
-    "mixtral": ("MixtralConfig", dict(SIZES, sliding_window=WINDOW, **MOE)),
-    "qwen2": ("Qwen2Config", SIZES),
-    "qwen2-sliding": ("Qwen2Config", dict(SIZES, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1)),
-    "qwen3": ("Qwen3Config", dict(SIZES, head_dim=8)),
-    "qwen3-moe": ("Qwen3MoeConfig", dict(SIZES, head_dim=8, num_experts=4, num_experts_per_tok=2,
-                                          moe_intermediate_size=32, use_sliding_window=True, sliding_window=WINDOW)),
-    "gemma2": ("Gemma2Config", dict(SIZES, **GEMMA)),
-    "gemma3": ("Gemma3TextConfig", dict(SIZES, **GEMMA)),
-    "phi3": ("Phi3Config", dict(SIZES, sliding_window=WINDOW)),
-    "olmo2": ("Olmo2Config", SIZES),
-    "granite": ("GraniteConfig", SIZES),
-    "smollm3": ("SmolLM3Config", dict(SIZES, no_rope_layers=[1, 0])),
-    "ministral": ("MinistralConfig", dict(SIZES, head_dim=8, sliding_window=WINDOW)),
-    "cohere2": ("Cohere2Config", dict(SIZES, **MIXED)),
-    "olmo3": ("Olmo3Config", dict(SIZES, **MIXED)),
-    "gpt-oss": ("GptOssConfig", dict(SIZES, head_dim=8, num_local_experts=4, num_experts_per_tok=2, **MIXED)),
-    "gpt-neox": ("GPTNeoXConfig", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                       max_position_embeddings=256)),
-    "opt": ("OPTConfig", dict(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
-                              word_embed_proj_dim=32, max_position_embeddings=256)),
-    "gpt2": ("GPT2Config", dict(n_embd=32, n_layer=2, n_head=4, n_positions=256)),
-}
-
-
-def tiny_family_model(config_class: str, arguments: dict, seed: int = 0, vocab_size: int = VOCAB):
-    """A tiny fp32 model of the family; a wide init spreads the logits, so argmax has no near-ties."""
-    config_type = getattr(transformers, config_class, None)
-    if config_type is None:
-        pytest.skip(f"{config_class} is not in the installed transformers {transformers.__version__}")
-    config = config_type(vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=0, initializer_range=0.3,
-                         **arguments)
-    torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(config).float().eval()
-
-
-def left_padded_prompts(lengths=(11, 6), seed: int = 0):
-    generator = torch.Generator().manual_seed(seed)
-    width = max(lengths)
-    input_ids = torch.zeros(len(lengths), width, dtype=torch.long)
-    mask = torch.zeros(len(lengths), width, dtype=torch.long)
-    for row, length in enumerate(lengths):
-        input_ids[row, width - length:] = torch.randint(3, VOCAB, (length,), generator=generator)
-        mask[row, width - length:] = 1
-    return input_ids, mask
+from cllm.modes import MODES
+from cllm.serving.engine import Engine
 
 
 def greedy(model, input_ids, mask, eos_token_id):
@@ -115,22 +61,20 @@ def test_family_decodes_exactly(family):
         assert out.new_tokens[row] < MAX_NEW  # the row stopped at its EOS
 
 
-@pytest.mark.parametrize("mode", ["jacobi", "multiblock"])
+@pytest.mark.parametrize("mode", [name for name, mode in MODES.items() if not mode.one_token])
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_family_decodes_exactly_in_the_serving_engine(family, mode):
     """The continuous engine's cache (spare rows and columns, rows joining right-aligned, leaving rows
     overwritten by the last one, columns dropped on the left) gives every family the tokens of `generate`
     for each prompt alone, sliding windows included, with requests arriving while others run."""
-    from conftest import CHAR_VOCAB, char_tokenizer
-    from test_engine import greedy as greedy_alone
-    from test_engine import job as engine_job
+    from conftest import CHAR_VOCAB, char_tokenizer, engine_config, greedy_alone, new_request
 
     loaded = LoadedModel(tiny_family_model(*FAMILIES[family], vocab_size=CHAR_VOCAB), char_tokenizer(), family)
-    engine = Engine(loaded, DecodeFields(block_size=BLOCK), mode=mode, max_running=4)
+    engine = Engine(loaded, engine_config(block_size=BLOCK, mode=mode, max_batch_size=4))
     # a short prompt alone first, so a longer one joins a narrower cache (holes open on the old rows' left)
     prompts = ["a", "Hello there, how are you on this fine day, my friend", "x = 1 + 2", "Once upon a time", "zz top"]
     budgets = [20, MAX_NEW, MAX_NEW, 9, 30]
-    jobs = [engine_job(loaded, p, n) for p, n in zip(prompts, budgets, strict=True)]
+    jobs = [new_request(loaded.tokenizer, p, n) for p, n in zip(prompts, budgets, strict=True)]
     for arriving in (jobs[:1], jobs[1:3], jobs[3:]):
         for job in arriving:
             engine.add(job)

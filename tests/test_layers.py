@@ -12,16 +12,23 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "cllm"
 
-# The Ray-free algorithm: decoding, guesses, losses, batching of records, trajectories, streaming text,
-# the OpenAI wire format, the request/decode layer of the server, model loading, datasets, configs.
+# The serving layers below the Serve deployment (`cllm.serving.api`): Ray-free, and below the API layer
+# (`protocol`, `api`) free of HTTP and OpenAI errors too.
+BELOW_THE_API = (
+    "cllm.serving.request", "cllm.serving.scheduler", "cllm.serving.runner", "cllm.serving.engine",
+    "cllm.serving.static", "cllm.serving.output", "cllm.serving.bridge", "cllm.serving.config",
+)
+SERVING = ("cllm.serving", *BELOW_THE_API, "cllm.serving.protocol")
+# The Ray-free algorithm: decoding, guesses, losses, batching of records, trajectories, the decoding modes,
+# model loading, datasets, configs, and the serving layers above.
 ALGORITHM = (
     "cllm.config", "cllm.decoding", "cllm.guesses", "cllm.kv_cache", "cllm.jacobi", "cllm.losses", "cllm.data",
-    "cllm.multiblock", "cllm.models", "cllm.tokenizer", "cllm.trajectories", "cllm.trajectory_store", "cllm.streaming",
-    "cllm.openai_api", "cllm.serving", "cllm.engine", "cllm.tasks", "cllm.tasks.arith", "cllm.sampling",
+    "cllm.multiblock", "cllm.modes", "cllm.models", "cllm.tokenizer", "cllm.trajectories", "cllm.trajectory_store",
+    "cllm.tasks", "cllm.tasks.arith", "cllm.sampling", "cllm.errors", "cllm.gguf", *SERVING,
 )
 # Stages run the algorithm, on Ray where they scale out; the pipeline and the CLI drive the stages.
 STAGES = (
-    "cllm.teacher", "cllm.collect", "cllm.train", "cllm.evaluate", "cllm.serve", "cllm.pipeline", "cllm.cli",
+    "cllm.teacher", "cllm.collect", "cllm.train", "cllm.evaluate", "cllm.serving.api", "cllm.pipeline", "cllm.cli",
 )
 
 
@@ -108,6 +115,40 @@ def test_algorithm_imports_neither_ray_nor_a_stage_in_a_fresh_interpreter():
         "ray = [m for m in sys.modules if m == 'ray' or m.startswith('ray.')]\n"
         "print('stages', stages); print('ray', ray[:5])\n"
         "sys.exit(1 if stages or ray else 0)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=110)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_serving_layers_below_the_api_know_nothing_of_http():
+    """Only the API layer speaks HTTP and OpenAI; the layers below raise domain errors (`RequestError`)."""
+    graph = import_graph()
+    api = {"cllm.serving.api", "cllm.serving.protocol"}
+    wrong = {m: sorted(graph[m] & api) for m in BELOW_THE_API if graph[m] & api}
+    assert not wrong, f"serving layers importing the API layer: {wrong}"
+    for module in BELOW_THE_API:
+        source = (ROOT / (module.replace(".", "/") + ".py")).read_text()
+        assert "OpenAIError" not in source and "fastapi" not in source and "starlette" not in source, module
+
+
+def test_the_decoding_core_never_imports_the_server():
+    graph = import_graph()
+    core = ("cllm.jacobi", "cllm.multiblock", "cllm.modes", "cllm.kv_cache", "cllm.decoding", "cllm.sampling",
+            "cllm.guesses", "cllm.models")
+    wrong = {m: sorted(n for n in graph[m] if n.startswith("cllm.serving")) for m in core}
+    assert not any(wrong.values()), wrong
+
+
+@pytest.mark.timeout(120)
+def test_the_pipeline_imports_neither_ray_serve_nor_fastapi():
+    """The pipeline reads the server's settings (`cllm.serving.config`) without importing the server."""
+    code = (
+        "import sys\n"
+        "import cllm.pipeline\n"
+        "server = ('fastapi', 'starlette', 'ray.serve')\n"
+        "loaded = [m for m in sys.modules if m.startswith(server)]\n"
+        "print(loaded[:5])\n"
+        "sys.exit(1 if loaded else 0)\n"
     )
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=110)
     assert done.returncode == 0, done.stdout + done.stderr

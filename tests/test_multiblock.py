@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_model
-from test_families import FAMILIES, left_padded_prompts, tiny_family_model
+from conftest import FAMILIES, left_padded_prompts, tiny_family_model, tiny_model
 
 from cllm.kv_cache import check_supported
 from cllm.multiblock import Lane, branch_forward, branch_mask, multiblock_generate

@@ -1,4 +1,4 @@
-"""OpenAI request parsing, refusals and response shapes (cllm.openai_api): pure, no model, no Ray."""
+"""OpenAI request parsing, refusals and response shapes (cllm.serving.protocol): pure, no model, no Ray."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import json
 import pytest
 from conftest import char_tokenizer
 
-from cllm.openai_api import (
+from cllm.serving.output import TextStream
+from cllm.serving.protocol import (
     MAX_CHOICES,
     SSE_DONE,
     ChatCompletionRequest,
@@ -21,8 +22,7 @@ from cllm.openai_api import (
     single_prompt,
     sse_event,
 )
-from cllm.serving import DecodeJob, choice_sampling
-from cllm.streaming import TextStream
+from cllm.serving.request import Request, RequestStatus, choice_sampling
 
 
 def body(**fields) -> bytes:
@@ -74,23 +74,24 @@ def test_choice_sampling_defaults():
 def test_replies_carry_every_choice_and_the_seed():
     tokenizer = char_tokenizer()
 
-    def job(text: str, finish_reason: str) -> DecodeJob:
-        decoded = DecodeJob(prompt_ids=[1, 2, 3], max_tokens=5, text=TextStream(tokenizer, ()))
+    def job(text: str, finish_reason: str) -> tuple[Request, str]:
+        decoded = Request(prompt_ids=[1, 2, 3], max_tokens=5)
         decoded.tokens = tokenizer(text)["input_ids"]
-        decoded.text.push(decoded.tokens)
-        decoded.text.finish()
-        decoded.finish_reason = finish_reason
-        return decoded
+        stream = TextStream(tokenizer, ())
+        answer = stream.push(decoded.tokens) + stream.finish()
+        decoded.status = RequestStatus(finish_reason)
+        assert decoded.finish_reason == finish_reason
+        return decoded, answer
 
-    jobs = [job("ab", "length"), job("c", "stop")]
+    jobs, texts = zip(job("ab", "length"), job("c", "stop"), strict=True)
     stats = JacobiStats(mode="jacobi", block_size=4, forward_passes=2, tokens_per_forward=1.0, batch_size=2,
                         decode_seconds=0.1)
-    full = CompletionReply(id="x", created=0, model="m", seed=9).full(jobs, stats).model_dump()
+    full = CompletionReply(id="x", created=0, model="m", seed=9).full(jobs, texts, stats).model_dump()
     choices = [(c["index"], c["text"], c["finish_reason"]) for c in full["choices"]]
     assert choices == [(0, "ab", "length"), (1, "c", "stop")]
     assert full["seed"] == 9 and full["usage"] == {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}
     chat = ChatReply(id="y", created=0, model="m", seed=9)
-    assert [c["message"]["content"] for c in chat.full(jobs, stats).model_dump()["choices"]] == ["ab", "c"]
+    assert [c["message"]["content"] for c in chat.full(jobs, texts, stats).model_dump()["choices"]] == ["ab", "c"]
     event = json.loads(chat.delta("z", 1)[len("data: ") :])
     assert event["choices"][0]["index"] == 1 and event["choices"][0]["delta"] == {"content": "z"} and event["seed"] == 9
     assert json.loads(chat.opening(1)[len("data: ") :])["choices"][0]["delta"]["role"] == "assistant"

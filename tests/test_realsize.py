@@ -19,7 +19,7 @@ from cllm.decoding import DecodeFields, special_tokens
 from cllm.evaluate import evaluate_model
 from cllm.losses import cllm_loss
 from cllm.models import load_model
-from cllm.serve import checked_config
+from cllm.serving.config import checked_config
 from cllm.tasks import load_task
 from cllm.train.config import TrainConfig
 from cllm.train.lora import prepare_model

@@ -7,12 +7,11 @@ import math
 
 import pytest
 import torch
-from conftest import char_tokenizer, tiny_model
+from conftest import char_tokenizer, engine_config, new_request, tiny_model
 
-from cllm.decoding import DecodeFields
-from cllm.engine import Engine
 from cllm.jacobi import ar_generate, jacobi_generate
 from cllm.models import LoadedModel
+from cllm.modes import MODES
 from cllm.multiblock import multiblock_generate
 from cllm.sampling import (
     GOLDEN,
@@ -25,8 +24,7 @@ from cllm.sampling import (
     mix64_tensor,
     uniform_noise,
 )
-from cllm.serving import DecodeJob
-from cllm.streaming import TextStream
+from cllm.serving.engine import Engine
 
 PROMPTS = ["Hello there, how are", "x", "The quick brown fox jumps over", "Jacobi!"]
 INITS = ["prompt", "repeat", "pad", "ngram"]
@@ -232,20 +230,16 @@ def test_same_seed_same_text_other_seeds_differ(llama_model, tokenizer):
     assert tokenizer.decode(again.sequences[0, input_ids.shape[1] :]) == texts[0]
 
 
-@pytest.mark.parametrize("mode", ["jacobi", "ar", "multiblock"])
+@pytest.mark.parametrize("mode", list(MODES))
 def test_engine_with_staggered_arrivals_equals_ar_sampling(mode):
     loaded = LoadedModel(tiny_model("llama"), char_tokenizer(), "llama")
-    eng = Engine(loaded, DecodeFields(block_size=4, init="ngram"), mode=mode, max_running=8)
+    eng = Engine(loaded, engine_config(block_size=4, init="ngram", mode=mode, max_batch_size=8))
     prompts = PROMPTS + ["zz", "Once upon a time"]
     budgets = [30, 7, 25, 16, 40, 12]
     settings = [SamplingParams(temperature=[0.3, 0.7, 1.0][i % 3], top_p=0.9 if i % 2 else 1.0, seed=i)
                 for i in range(len(prompts))]
     settings[4] = None  # a greedy request among sampled ones
-    jobs = [
-        DecodeJob(prompt_ids=loaded.tokenizer(p)["input_ids"], max_tokens=n, text=TextStream(loaded.tokenizer, ()),
-                  sampling=s)
-        for p, n, s in zip(prompts, budgets, settings, strict=True)
-    ]
+    jobs = [new_request(loaded.tokenizer, p, n, sampling=s) for p, n, s in zip(prompts, budgets, settings, strict=True)]
     arrivals = {0: [0, 1], 2: [2], 3: [3, 4], 7: [5]}
     step = 0
     while step <= max(arrivals) or eng.has_work():

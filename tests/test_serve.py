@@ -1,7 +1,9 @@
-"""The OpenAI-compatible Jacobi server: a real local Ray, real HTTP on 127.0.0.1, a real (tiny) model.
+"""The OpenAI-compatible Jacobi server over HTTP: a real local Ray, real HTTP on 127.0.0.1, a real (tiny) model.
 
 Every answer is checked against greedy `generate` on the same model. The tiny Llama reads one token per
 UTF-8 byte, so multi-byte characters span several committed tokens and streaming must not split them.
+The layers below the deployment are tested without Ray in test_serving.py, test_engine.py and
+test_openai_api.py; the server's config and app builder in test_serve_config.py.
 """
 
 from __future__ import annotations
@@ -17,27 +19,13 @@ from pathlib import Path
 import pytest
 import ray
 import requests
-import torch
-import yaml
-from conftest import byte_llama_dir, free_port, greedy_text
+from conftest import SERVED_CONTEXT, SERVED_NAME, free_port, greedy_text, sampled_text, sampled_tokens
 from ray import serve
 
-from cllm.config import ConfigError
-from cllm.decoding import DecodeFields, left_pad, special_tokens
-from cllm.jacobi import ar_generate
-from cllm.models import format_prompt, load_model
-from cllm.sampling import SamplingParams
-from cllm.serve import (
-    ServeConfig,
-    build_app,
-    default_model_path,
-    deployment_options,
-)
-from cllm.serving import BatchDecoder, DecodeJob, fitting_groups
-from cllm.streaming import TextStream
+from cllm.models import format_prompt
+from cllm.serving.api import build_app
 
-CONTEXT = 160
-MODEL_NAME = "tiny-bytes"
+CONTEXT, MODEL_NAME = SERVED_CONTEXT, SERVED_NAME
 PROMPTS = [
     "héllo wörld",
     "中文 text",
@@ -58,165 +46,19 @@ PROMPTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return byte_llama_dir(tmp_path_factory, CONTEXT)
-
-
-@pytest.fixture(scope="module")
-def loaded(model_dir):
-    return load_model(str(model_dir), device="cpu")
-
-
-def sampled_tokens(loaded, text: str, max_tokens: int, **settings) -> list[int]:
-    """The reference for a sampled answer: in-process `ar_generate` with the same settings, cut at its EOS."""
-    ids = loaded.tokenizer(text, return_tensors="pt")["input_ids"]
-    eos = list(special_tokens(loaded.tokenizer, loaded.model.generation_config).eos_ids)
-    out = ar_generate(loaded.model, ids, max_new_tokens=max_tokens, eos_token_id=eos,
-                      sampling=SamplingParams(**settings))
-    return out.sequences[0, ids.shape[1] : ids.shape[1] + out.new_tokens[0]].tolist()
-
-
-def sampled_text(loaded, text: str, max_tokens: int, **settings) -> str:
-    return loaded.tokenizer.decode(sampled_tokens(loaded, text, max_tokens, **settings), skip_special_tokens=True)
-
-
-def chat_text(loaded, content: str) -> str:
-    return format_prompt(loaded.tokenizer, [{"role": "user", "content": content}], chat=True)
+def chat_text(served, content: str) -> str:
+    return format_prompt(served.tokenizer, [{"role": "user", "content": content}], chat=True)
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The batch decoder on its own (no Ray)
-
-
-def job_for(loaded, text: str, max_tokens: int, stop=()) -> DecodeJob:
-    return DecodeJob(
-        prompt_ids=loaded.tokenizer(text)["input_ids"],
-        max_tokens=max_tokens,
-        text=TextStream(loaded.tokenizer, stop),
-    )
-
-
-@pytest.mark.parametrize("mode", ["jacobi", "ar", "multiblock"])
-def test_batch_decoder_matches_greedy_generate(loaded, mode):
-    decoder = BatchDecoder(loaded, DecodeFields(block_size=4), mode=mode)
-    budgets = [12, 30, 5, 21]
-    jobs = [job_for(loaded, p, n) for p, n in zip(PROMPTS, budgets, strict=False)]
-    decoder.decode(jobs)
-    for job, prompt, n in zip(jobs, PROMPTS, budgets, strict=False):
-        assert job.text.text == greedy_text(loaded, prompt, n)
-        assert job.batch_size == 4 and job.finish_reason in ("stop", "length")
-        assert 0 < job.forward_passes < len(job.tokens)
-    if mode == "ar":
-        assert all(job.tokens_per_forward == 1.0 for job in jobs)
-
-
-@pytest.mark.parametrize("mode", ["jacobi", "ar", "multiblock"])
-def test_batch_decoder_samples_like_ar_generate(loaded, mode):
-    decoder = BatchDecoder(loaded, DecodeFields(block_size=4, init="ngram"), mode=mode)
-    settings = [dict(temperature=0.7, seed=1), dict(temperature=1.0, top_p=0.9, seed=2), None,
-                dict(temperature=0.3, top_k=5, seed=3)]
-    jobs = [job_for(loaded, p, 30) for p in PROMPTS[:4]]
-    for job, sampling in zip(jobs, settings, strict=True):
-        job.sampling = None if sampling is None else SamplingParams(**sampling)
-    decoder.decode(jobs)
-    assert jobs[2].text.text == greedy_text(loaded, PROMPTS[2], 30)
-    for i in (0, 1, 3):
-        assert jobs[i].text.text == sampled_text(loaded, PROMPTS[i], 30, **settings[i])
-
-
-def test_one_failing_or_cancelled_request_leaves_its_batch_mates_intact(loaded):
-    decoder = BatchDecoder(loaded, DecodeFields(block_size=4))
-    jobs = [job_for(loaded, p, 24) for p in PROMPTS[:4]]
-
-    def broken_client(_delta):
-        raise ConnectionError("client went away")
-
-    jobs[1].on_text = broken_client
-    jobs[2].cancelled = True
-    decoder.decode(jobs)
-    assert jobs[1].error is not None and "client went away" in jobs[1].error
-    assert jobs[2].tokens == []
-    for i in (0, 3):
-        assert jobs[i].error is None
-        assert jobs[i].text.text == greedy_text(loaded, PROMPTS[i], 24)
-
-
-def test_batches_that_would_overflow_the_context_are_split():
-    def job(prompt_len, max_tokens):
-        return DecodeJob(prompt_ids=[5] * prompt_len, max_tokens=max_tokens, text=None)
-
-    short_long, long_short, small = job(10, 140), job(140, 10), job(20, 20)
-    groups = fitting_groups([short_long, long_short, small], context=CONTEXT)
-    assert groups == [[short_long, small], [long_short]]
-    for group in groups:
-        assert max(len(j.prompt_ids) for j in group) + max(j.max_tokens for j in group) <= CONTEXT
-
-
-def test_left_pad():
-    ids, mask = left_pad([[7, 8, 9], [4]], pad_token_id=0)
-    assert ids.tolist() == [[7, 8, 9], [0, 0, 4]]
-    assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
-
-
-def test_deployment_options_come_from_the_config():
-    config = ServeConfig(model="x", min_replicas=1, max_replicas=3, target_ongoing_requests=5, num_cpus=2, num_gpus=1)
-    options = deployment_options(config)
-    assert options["autoscaling_config"] == {
-        "min_replicas": 1,
-        "max_replicas": 3,
-        "target_ongoing_requests": 5,
-        "upscale_delay_s": 30.0,
-        "downscale_delay_s": 600.0,
-        "look_back_period_s": 30.0,
-    }
-    assert options["ray_actor_options"] == {"num_cpus": 2, "num_gpus": 1}
-    assert options["max_ongoing_requests"] == config.max_ongoing_requests
-    auto = deployment_options(ServeConfig(model="x"))["ray_actor_options"]["num_gpus"]
-    assert auto == (1.0 if torch.cuda.is_available() else 0.0)  # Ray is not running here: this host decides
-
-
-def test_default_model_is_the_last_default_run_else_builtin(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    assert default_model_path() == "builtin" == ServeConfig().model
-    (tmp_path / "outputs" / "default" / "cllm").mkdir(parents=True)
-    assert default_model_path() == "builtin"  # an unfinished run: no model in it yet
-    (tmp_path / "outputs" / "default" / "cllm" / "config.json").write_text("{}")
-    assert default_model_path() == str(tmp_path / "outputs" / "default" / "cllm") == ServeConfig().model
-
-
-def test_serve_config_is_checked():
-    with pytest.raises(ConfigError, match="min_replicas"):
-        build_app({"model": "x", "min_replicas": 3, "max_replicas": 2})
-    with pytest.raises(ConfigError, match="max_ongoing_requests"):
-        build_app({"model": "x", "max_batch_size": 16, "max_ongoing_requests": 4})
-    with pytest.raises(ConfigError, match="does not exist"):
-        build_app({"model": "/no/such/model/dir"})
-    with pytest.raises(ConfigError, match="extra"):
-        build_app({"model": "x", "no_such_key": 1})
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The entry points: Serve config file and pipelines/serve.py
-
-
-def test_serve_config_yaml_is_a_valid_serve_config():
-    """configs/serve.yaml passes Serve's own schema and its args are a valid ServeConfig."""
-    from ray.serve.schema import ServeDeploySchema
-
-    path = Path(__file__).resolve().parents[1] / "configs" / "serve.yaml"
-    schema = ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))
-    (app,) = schema.applications
-    assert app.import_path == "cllm.serve:build_app"
-    config = ServeConfig.model_validate(app.args)
-    assert config.min_replicas <= config.max_replicas
+# The entry point: pipelines/serve.py
 
 
 @pytest.mark.slow
-def test_pipeline_entry_serves_until_interrupted(model_dir, tmp_path):
+def test_pipeline_entry_serves_until_interrupted(served_dir, tmp_path):
     """`python pipelines/serve.py --model DIR --port P` answers over HTTP and exits cleanly on Ctrl-C."""
     port, root, log = free_port(), Path(__file__).resolve().parents[1], tmp_path / "serve.log"
-    command = [sys.executable, str(root / "pipelines" / "serve.py"), "--model", str(model_dir),
+    command = [sys.executable, str(root / "pipelines" / "serve.py"), "--model", str(served_dir),
                "--port", str(port), "--model-name", MODEL_NAME, "--num-cpus", "0.5"]  # fmt: skip
     banner = f"http://127.0.0.1:{port}/v1"
     with open(log, "w") as out:
@@ -242,28 +84,21 @@ def test_pipeline_entry_serves_until_interrupted(model_dir, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def server(model_dir):
-    """The app on a fresh local Ray, on a free loopback port; shut down afterwards."""
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        app = build_app(
-            {
-                "model": str(model_dir),
-                "model_name": MODEL_NAME,
-                "block_size": 4,
-                "num_cpus": 0.5,
-                "max_batch_size": 16,
-                "batch_wait_timeout_s": 0.05,
-                "max_ongoing_requests": 32,
-            }
-        )
-        serve.run(app, name="cllm", route_prefix="/")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+def server(serve_cluster, served_dir):
+    """The app on this module's local Ray (`serve_cluster`), at the root route."""
+    app = build_app(
+        {
+            "model": str(served_dir),
+            "model_name": MODEL_NAME,
+            "block_size": 4,
+            "num_cpus": 0.5,
+            "max_batch_size": 16,
+            "batch_wait_timeout_s": 0.05,
+            "max_ongoing_requests": 32,
+        }
+    )
+    serve.run(app, name="cllm", route_prefix="/")
+    return serve_cluster
 
 
 def post(url: str, path: str, payload) -> requests.Response:
@@ -288,14 +123,14 @@ def test_health_and_models(server):
     assert models["object"] == "list" and [m["id"] for m in models["data"]] == [MODEL_NAME]
 
 
-def test_completion_matches_greedy_generate(server, loaded):
+def test_completion_matches_greedy_generate(server, served):
     sent = time.perf_counter()
     response = post(server, "/v1/completions", {"model": MODEL_NAME, "prompt": "héllo wörld", "max_tokens": 40})
     waited = time.perf_counter() - sent
     assert response.status_code == 200
     answer = response.json()
     assert answer["object"] == "text_completion"
-    assert answer["choices"][0]["text"] == greedy_text(loaded, "héllo wörld", 40)
+    assert answer["choices"][0]["text"] == greedy_text(served, "héllo wörld", 40)
     usage = answer["usage"]
     assert usage["prompt_tokens"] == len("héllo wörld".encode())
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
@@ -307,14 +142,14 @@ def test_completion_matches_greedy_generate(server, loaded):
     assert 0 <= stats["queue_seconds"] < stats["first_token_seconds"]  # queued, then its prefill
 
 
-def test_default_max_tokens_fills_the_context(server, loaded):
+def test_default_max_tokens_fills_the_context(server, served):
     prompt = "p" * (CONTEXT - 10)
     answer = post(server, "/v1/completions", {"model": MODEL_NAME, "prompt": prompt}).json()
     assert answer["usage"]["completion_tokens"] <= 10
-    assert answer["choices"][0]["text"] == greedy_text(loaded, prompt, 10)
+    assert answer["choices"][0]["text"] == greedy_text(served, prompt, 10)
 
 
-def test_streamed_completion_matches_greedy_generate(server, loaded):
+def test_streamed_completion_matches_greedy_generate(server, served):
     events = stream_events(
         server,
         "/v1/completions",
@@ -329,7 +164,7 @@ def test_streamed_completion_matches_greedy_generate(server, loaded):
     assert events[-1] == "[DONE]"
     chunks = events[:-1]
     text = "".join(c["choices"][0]["text"] for c in chunks if c["choices"])
-    assert text == greedy_text(loaded, "中文 text", 50)
+    assert text == greedy_text(served, "中文 text", 50)
     assert len([c for c in chunks if c["choices"] and c["choices"][0]["text"]]) > 1  # really incremental
     closing = [c for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
     assert len(closing) == 1 and closing[0]["jacobi_stats"]["forward_passes"] > 0
@@ -337,7 +172,7 @@ def test_streamed_completion_matches_greedy_generate(server, loaded):
 
 
 @pytest.mark.parametrize("stream", [True, False])
-def test_load_benchmark_reads_every_answer_exactly(server, loaded, stream):
+def test_load_benchmark_reads_every_answer_exactly(server, served, stream):
     """benchmarks/serve_load.py's client: what it reads back is the whole answer, and its timings are sane."""
     import asyncio
     import importlib.util
@@ -346,12 +181,12 @@ def test_load_benchmark_reads_every_answer_exactly(server, loaded, stream):
     serve_load = sys.modules.setdefault("serve_load", importlib.util.module_from_spec(spec))
     spec.loader.exec_module(serve_load)
     cfg = serve_load.LoadConfig(requests_per_client=2, max_tokens=12, stream=stream)
-    with pytest.raises(ValueError, match="max-ongoing-requests"):  # refused, as the server would refuse it
+    with pytest.raises(ValueError, match="max_ongoing_requests"):  # refused by the server's own check
         serve_load.LoadConfig(max_ongoing_requests=4, max_batch_size=8)
     results, wall = asyncio.run(serve_load.run_load(server, cfg, MODEL_NAME, PROMPTS, 4))
     assert len(results) == 8 and [o.error for _, o in results] == [None] * 8
     for prompt, outcome in results:
-        assert outcome.text == greedy_text(loaded, prompt, 12)
+        assert outcome.text == greedy_text(served, prompt, 12)
         assert 0 < outcome.replica_first_token < outcome.latency <= wall
         assert 0 <= outcome.replica_queue < outcome.replica_first_token
         if stream:
@@ -364,9 +199,9 @@ def test_load_benchmark_reads_every_answer_exactly(server, loaded, stream):
 
 
 @pytest.mark.parametrize("engine", ["continuous", "static"])
-def test_multiblock_server_answers_like_greedy_generate(server, model_dir, loaded, engine):
+def test_multiblock_server_answers_like_greedy_generate(server, served_dir, served, engine):
     """`mode: multiblock` on the same Serve: streamed and whole answers equal greedy generate."""
-    app = build_app({"model": str(model_dir), "model_name": MODEL_NAME, "block_size": 4,
+    app = build_app({"model": str(served_dir), "model_name": MODEL_NAME, "block_size": 4,
                      "mode": "multiblock", "engine": engine, "num_cpus": 0.25, "max_batch_size": 8})
     serve.run(app, name="cllm-multiblock", route_prefix="/multiblock")
     try:
@@ -375,19 +210,19 @@ def test_multiblock_server_answers_like_greedy_generate(server, model_dir, loade
             answers = list(pool.map(lambda p: post(url, "/v1/completions", {"model": MODEL_NAME, "prompt": p,
                                                                          "max_tokens": 30}).json(), PROMPTS[:4]))
         for prompt, answer in zip(PROMPTS[:4], answers, strict=True):
-            assert answer["choices"][0]["text"] == greedy_text(loaded, prompt, 30)
+            assert answer["choices"][0]["text"] == greedy_text(served, prompt, 30)
             assert answer["jacobi_stats"]["mode"] == "multiblock"
         events = stream_events(url, "/v1/completions", {"model": MODEL_NAME, "prompt": PROMPTS[5], "max_tokens": 40,
                                                          "stream": True})
         text = "".join(c["choices"][0]["text"] for c in events[:-1] if c["choices"])
-        assert text == greedy_text(loaded, PROMPTS[5], 40)
+        assert text == greedy_text(served, PROMPTS[5], 40)
     finally:
         serve.delete("cllm-multiblock")
 
 
-def test_stream_interval_sends_fewer_larger_events(server, model_dir, loaded):
+def test_stream_interval_sends_fewer_larger_events(server, served_dir, served):
     """`stream_interval_s`: after the first text, one event per choice per interval, the same text."""
-    app = build_app({"model": str(model_dir), "model_name": MODEL_NAME, "mode": "ar", "num_cpus": 0.25,
+    app = build_app({"model": str(served_dir), "model_name": MODEL_NAME, "mode": "ar", "num_cpus": 0.25,
                      "stream_interval_s": 0.25})
     serve.run(app, name="cllm-interval", route_prefix="/interval")
     try:
@@ -397,29 +232,29 @@ def test_stream_interval_sends_fewer_larger_events(server, model_dir, loaded):
         events = stream_events(url, "/v1/completions", payload)
         elapsed = time.perf_counter() - started
         texts = [c["choices"][0]["text"] for c in events[:-1] if c["choices"] and c["choices"][0]["text"]]
-        assert "".join(texts) == greedy_text(loaded, PROMPTS[0], 60)
+        assert "".join(texts) == greedy_text(served, PROMPTS[0], 60)
         assert len(texts) <= elapsed / 0.25 + 2 < 60  # an AR stream would send one event per token
         sampled = {**payload, "n": 2, "temperature": 0.8, "seed": 3, "prompt": PROMPTS[1]}
         chunks = stream_events(url, "/v1/completions", sampled)[:-1]
         for choice in (0, 1):
             mine = [c["choices"][0] for c in chunks if c["choices"] and c["choices"][0]["index"] == choice]
             text = "".join(c["text"] for c in mine)
-            assert text == sampled_text(loaded, PROMPTS[1], 60, temperature=0.8, seed=3 + choice)
+            assert text == sampled_text(served, PROMPTS[1], 60, temperature=0.8, seed=3 + choice)
     finally:
         serve.delete("cllm-interval")
 
 
-def test_chat_completion_matches_greedy_generate(server, loaded):
+def test_chat_completion_matches_greedy_generate(server, served):
     messages = [{"role": "user", "content": "🎉 party"}]
     response = post(server, "/v1/chat/completions", {"model": MODEL_NAME, "messages": messages, "max_tokens": 30})
     assert response.status_code == 200
     answer = response.json()
     assert answer["object"] == "chat.completion"
     assert answer["choices"][0]["message"]["role"] == "assistant"
-    assert answer["choices"][0]["message"]["content"] == greedy_text(loaded, chat_text(loaded, "🎉 party"), 30)
+    assert answer["choices"][0]["message"]["content"] == greedy_text(served, chat_text(served, "🎉 party"), 30)
 
 
-def test_streamed_chat_matches_greedy_generate(server, loaded):
+def test_streamed_chat_matches_greedy_generate(server, served):
     messages = [{"role": "user", "content": "naïve café"}]
     events = stream_events(
         server,
@@ -431,29 +266,29 @@ def test_streamed_chat_matches_greedy_generate(server, loaded):
     assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
     assert all(c["object"] == "chat.completion.chunk" for c in chunks)
     text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
-    assert text == greedy_text(loaded, chat_text(loaded, "naïve café"), 30)
+    assert text == greedy_text(served, chat_text(served, "naïve café"), 30)
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
 
 
-def test_the_openai_client_works_against_the_server(server, loaded):
+def test_the_openai_client_works_against_the_server(server, served):
     openai = pytest.importorskip("openai")
     client = openai.OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0, timeout=120)
     assert [m.id for m in client.models.list()] == [MODEL_NAME]
     completion = client.completions.create(model=MODEL_NAME, prompt="¿qué?", max_tokens=20, temperature=0)
-    assert completion.choices[0].text == greedy_text(loaded, "¿qué?", 20)
+    assert completion.choices[0].text == greedy_text(served, "¿qué?", 20)
     assert completion.usage.completion_tokens == 20
     stream = client.chat.completions.create(
         model=MODEL_NAME, messages=[{"role": "user", "content": "日本語"}], max_tokens=20, stream=True
     )
     text = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
-    assert text == greedy_text(loaded, chat_text(loaded, "日本語"), 20)
+    assert text == greedy_text(served, chat_text(served, "日本語"), 20)
     with pytest.raises(openai.BadRequestError, match="temperature"):
         client.completions.create(model=MODEL_NAME, prompt="hi", max_tokens=5, temperature=2.5)
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="other", prompt="hi", max_tokens=5)
 
 
-def test_the_same_seed_gives_the_same_sample_as_ar_generate(server, loaded):
+def test_the_same_seed_gives_the_same_sample_as_ar_generate(server, served):
     payload = {"model": MODEL_NAME, "prompt": "Once upon a time", "max_tokens": 30, "temperature": 0.8,
                "top_p": 0.95, "top_k": 50, "seed": 7}
     first, again = post(server, "/v1/completions", payload), post(server, "/v1/completions", payload)
@@ -461,20 +296,20 @@ def test_the_same_seed_gives_the_same_sample_as_ar_generate(server, loaded):
     text = first.json()["choices"][0]["text"]
     assert again.json()["choices"][0]["text"] == text
     settings = dict(temperature=0.8, top_p=0.95, top_k=50)
-    assert text == sampled_text(loaded, "Once upon a time", 30, seed=7, **settings)
-    assert text != greedy_text(loaded, "Once upon a time", 30)
+    assert text == sampled_text(served, "Once upon a time", 30, seed=7, **settings)
+    assert text != greedy_text(served, "Once upon a time", 30)
     two = post(server, "/v1/completions", {**payload, "n": 2}).json()  # choice i samples with seed + i
     assert [c["index"] for c in two["choices"]] == [0, 1]
-    assert [c["text"] for c in two["choices"]] == [text, sampled_text(loaded, "Once upon a time", 30, seed=8,
+    assert [c["text"] for c in two["choices"]] == [text, sampled_text(served, "Once upon a time", 30, seed=8,
                                                                       **settings)]
     unseeded = post(server, "/v1/completions", {**payload, "seed": None})
     seed = unseeded.json()["seed"]
     assert unseeded.headers["x-cllm-seed"] == str(seed)
-    assert unseeded.json()["choices"][0]["text"] == sampled_text(loaded, "Once upon a time", 30, seed=seed,
+    assert unseeded.json()["choices"][0]["text"] == sampled_text(served, "Once upon a time", 30, seed=seed,
                                                                  **settings)
 
 
-def test_a_streamed_chat_with_two_samples(server, loaded):
+def test_a_streamed_chat_with_two_samples(server, served):
     messages = [{"role": "user", "content": "naïve café"}]
     payload = {"model": MODEL_NAME, "messages": messages, "max_tokens": 25, "temperature": 1.0, "seed": 3, "n": 2,
                "stream": True, "stream_options": {"include_usage": True}}
@@ -483,16 +318,16 @@ def test_a_streamed_chat_with_two_samples(server, loaded):
     chunks = events[:-1]
     texts = ["".join(c["choices"][0]["delta"].get("content") or "" for c in chunks
                      if c["choices"] and c["choices"][0]["index"] == i) for i in (0, 1)]
-    prompt = chat_text(loaded, "naïve café")
-    assert texts == [sampled_text(loaded, prompt, 25, temperature=1.0, seed=s) for s in (3, 4)]
+    prompt = chat_text(served, "naïve café")
+    assert texts == [sampled_text(served, prompt, 25, temperature=1.0, seed=s) for s in (3, 4)]
     assert len([c for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]) == 2
-    completion = sum(len(sampled_tokens(loaded, prompt, 25, temperature=1.0, seed=s)) for s in (3, 4))
+    completion = sum(len(sampled_tokens(served, prompt, 25, temperature=1.0, seed=s)) for s in (3, 4))
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == completion
     assert all(c["seed"] == 3 for c in chunks)
 
 
-def test_stop_sequence_ends_the_answer_before_it(server, loaded):
-    full = greedy_text(loaded, "Once upon a time", 40)
+def test_stop_sequence_ends_the_answer_before_it(server, served):
+    full = greedy_text(served, "Once upon a time", 40)
     start = next(i for i in range(5, len(full) - 2) if "\ufffd" not in full[i : i + 2])
     stop = full[start : start + 2]
     expected = full[: full.index(stop)]
@@ -511,7 +346,7 @@ def test_stop_sequence_ends_the_answer_before_it(server, loaded):
     assert "".join(c["choices"][0]["text"] for c in events[:-1]) == expected
 
 
-def test_sixteen_concurrent_requests_are_batched_and_all_correct(server, loaded):
+def test_sixteen_concurrent_requests_are_batched_and_all_correct(server, served):
     budgets = [20 + 3 * i for i in range(16)]
 
     def ask(i):
@@ -531,7 +366,7 @@ def test_sixteen_concurrent_requests_are_batched_and_all_correct(server, loaded)
         results = list(pool.map(ask, range(16)))
     batch_sizes = []
     for i, result in enumerate(results):
-        expected = greedy_text(loaded, PROMPTS[i], budgets[i])
+        expected = greedy_text(served, PROMPTS[i], budgets[i])
         if i % 2:
             assert result.status_code == 200
             assert result.json()["choices"][0]["text"] == expected
@@ -542,7 +377,7 @@ def test_sixteen_concurrent_requests_are_batched_and_all_correct(server, loaded)
     assert max(batch_sizes) > 1  # concurrent requests really shared a batched decode
 
 
-def test_a_client_that_leaves_mid_stream_does_not_disturb_its_batch_mates(server, loaded):
+def test_a_client_that_leaves_mid_stream_does_not_disturb_its_batch_mates(server, served):
     def leave_early():
         payload = {"model": MODEL_NAME, "prompt": "zzz", "max_tokens": 140, "stream": True}
         with requests.post(server + "/v1/completions", json=payload, stream=True, timeout=120) as response:
@@ -555,7 +390,7 @@ def test_a_client_that_leaves_mid_stream_does_not_disturb_its_batch_mates(server
     with ThreadPoolExecutor(2) as pool:
         left, stayed = pool.submit(leave_early), pool.submit(stay)
         assert left.result().startswith(b"data: ")
-        assert stayed.result().json()["choices"][0]["text"] == greedy_text(loaded, "def f(x):", 60)
+        assert stayed.result().json()["choices"][0]["text"] == greedy_text(served, "def f(x):", 60)
     assert post(server, "/v1/completions", {"model": MODEL_NAME, "prompt": "zzz", "max_tokens": 4}).status_code == 200
 
 
@@ -564,7 +399,7 @@ def test_the_default_engine_is_continuous(server):
     assert health["engine"] == "continuous" and health["waiting"] >= 0 and health["running"] >= 0
 
 
-def test_concurrent_streams_of_different_lengths_join_the_running_engine(server, loaded):
+def test_concurrent_streams_of_different_lengths_join_the_running_engine(server, served):
     """Streamed requests sent a little apart, of very different lengths: each equals greedy generate."""
     budgets = [90, 6, 40, 15, 70, 3]
     prompts = PROMPTS[:6]
@@ -579,13 +414,13 @@ def test_concurrent_streams_of_different_lengths_join_the_running_engine(server,
     shared = []
     for i, events in enumerate(results):
         assert events[-1] == "[DONE]"
-        assert "".join(c["choices"][0]["text"] for c in events[:-1]) == greedy_text(loaded, prompts[i], budgets[i])
+        assert "".join(c["choices"][0]["text"] for c in events[:-1]) == greedy_text(served, prompts[i], budgets[i])
         closing = [c for c in events[:-1] if c["choices"] and c["choices"][0]["finish_reason"]]
         shared.append(closing[0]["jacobi_stats"]["batch_size"])
     assert max(shared) > 1  # they really shared passes
 
 
-def test_a_late_request_is_answered_before_an_earlier_long_one_ends(server, loaded):
+def test_a_late_request_is_answered_before_an_earlier_long_one_ends(server, served):
     """Continuous batching: a short request sent while a long one decodes does not wait for it."""
     long_prompt, long_budget = "zzz", CONTEXT - 4
     first_chunk, done = {}, {}
@@ -611,9 +446,9 @@ def test_a_late_request_is_answered_before_an_earlier_long_one_ends(server, load
             time.sleep(0.002)
         short = post(server, "/v1/completions", {"model": MODEL_NAME, "prompt": "hi there", "max_tokens": 3})
         done["short"] = time.monotonic()
-        assert long.result() == greedy_text(loaded, long_prompt, long_budget)
+        assert long.result() == greedy_text(served, long_prompt, long_budget)
     assert short.status_code == 200
-    assert short.json()["choices"][0]["text"] == greedy_text(loaded, "hi there", 3)
+    assert short.json()["choices"][0]["text"] == greedy_text(served, "hi there", 3)
     assert done["short"] < done["long"]
     assert short.json()["jacobi_stats"]["batch_size"] >= 2  # it joined the long request's passes
 
@@ -656,16 +491,16 @@ def test_proxy_floor_streams_like_the_server_with_no_model(server):
 
 
 @pytest.fixture(scope="module")
-def static_server(server, model_dir):
+def static_server(server, served_dir):
     """The same model with the static engine (`@serve.batch`, each batch decoded to its end), as a second app."""
-    app = build_app({"model": str(model_dir), "model_name": MODEL_NAME, "block_size": 4, "num_cpus": 0.5,
+    app = build_app({"model": str(served_dir), "model_name": MODEL_NAME, "block_size": 4, "num_cpus": 0.5,
                      "engine": "static", "max_batch_size": 8, "batch_wait_timeout_s": 0.05})  # fmt: skip
     serve.run(app, name="static", route_prefix="/static")
     yield server + "/static"
     serve.delete("static")
 
 
-def test_the_static_engine_still_answers_exactly(static_server, loaded):
+def test_the_static_engine_still_answers_exactly(static_server, served):
     assert requests.get(static_server + "/healthz", timeout=30).json()["engine"] == "static"
     budgets = [25, 8, 40, 12]
 
@@ -678,10 +513,10 @@ def test_the_static_engine_still_answers_exactly(static_server, loaded):
 
     with ThreadPoolExecutor(4) as pool:
         texts = list(pool.map(ask, range(4)))
-    assert texts == [greedy_text(loaded, PROMPTS[i], budgets[i]) for i in range(4)]
+    assert texts == [greedy_text(served, PROMPTS[i], budgets[i]) for i in range(4)]
     sampled = {"model": MODEL_NAME, "prompt": "zzz", "max_tokens": 20, "temperature": 0.7, "seed": 5, "n": 2}
     answer = post(static_server, "/v1/completions", sampled).json()  # the two samples are rows of one batch
-    assert [c["text"] for c in answer["choices"]] == [sampled_text(loaded, "zzz", 20, temperature=0.7, seed=s)
+    assert [c["text"] for c in answer["choices"]] == [sampled_text(served, "zzz", 20, temperature=0.7, seed=s)
                                                       for s in (5, 6)]
     assert answer["jacobi_stats"]["batch_size"] == 2
     assert 0 <= answer["jacobi_stats"]["queue_seconds"] < answer["jacobi_stats"]["first_token_seconds"]
@@ -734,14 +569,14 @@ BAD_REQUESTS = [
 
 
 @pytest.mark.parametrize("path, payload, status", BAD_REQUESTS)
-def test_bad_input_gets_a_4xx_and_the_server_still_answers(server, loaded, path, payload, status):
+def test_bad_input_gets_a_4xx_and_the_server_still_answers(server, served, path, payload, status):
     response = post(server, path, payload)
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert error["message"] and error["type"] == "invalid_request_error"
     good = post(server, "/v1/completions", {"model": MODEL_NAME, "prompt": "end.", "max_tokens": 8})
     assert good.status_code == 200
-    assert good.json()["choices"][0]["text"] == greedy_text(loaded, "end.", 8)
+    assert good.json()["choices"][0]["text"] == greedy_text(served, "end.", 8)
 
 
 def test_unknown_route_and_method_get_openai_errors(server):
@@ -750,7 +585,7 @@ def test_unknown_route_and_method_get_openai_errors(server):
     assert response.status_code == 405 and response.json()["error"]["message"]
 
 
-def test_a_killed_replica_is_replaced(server, loaded):
+def test_a_killed_replica_is_replaced(server, served):
     """Runs last: kills the replica actor outright; Serve must start a new one and answer again."""
     names = [
         a["name"]
@@ -759,7 +594,7 @@ def test_a_killed_replica_is_replaced(server, loaded):
     ]
     assert len(names) == 1
     ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=True)
-    expected = greedy_text(loaded, "hi there", 12)
+    expected = greedy_text(served, "hi there", 12)
     deadline, answer = time.monotonic() + 180, None
     while time.monotonic() < deadline:
         try:

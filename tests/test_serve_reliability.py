@@ -27,13 +27,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import pytest
-import ray
 import requests
 from conftest import (
     BYTE_VOCAB,
+    SERVED_CONTEXT,
+    SERVED_NAME,
     byte_level_tokenizer,
-    byte_llama_dir,
-    free_port,
     greedy_text,
     save_model_dir,
     tiny_model,
@@ -42,48 +41,24 @@ from ray import serve
 from ray._private.state import actors as actor_table
 
 from cllm.models import load_model
-from cllm.serve import build_app
+from cllm.serving.api import build_app
 
-CONTEXT = 160
-MODEL_NAME = "tiny-bytes"
+CONTEXT, MODEL_NAME = SERVED_CONTEXT, SERVED_NAME
 BODY_LIMIT = 64 * 1024  # the test server's max_request_bytes (the default is 4 MiB)
 TIMEOUT = (5, 60)  # connect, read: a hang fails the test instead of stalling it
 REPLICA_PREFIX = "SERVE_REPLICA::{app}#JacobiServer#"
 COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return byte_llama_dir(tmp_path_factory, CONTEXT)
-
-
-@pytest.fixture(scope="module")
-def loaded(model_dir):
-    return load_model(str(model_dir), device="cpu")
-
-
-def app_args(model_dir, **overrides) -> dict:
-    return {"model": str(model_dir), "model_name": MODEL_NAME, "block_size": 4, "num_cpus": 0.25,
+def app_args(served_dir, **overrides) -> dict:
+    return {"model": str(served_dir), "model_name": MODEL_NAME, "block_size": 4, "num_cpus": 0.25,
             "max_batch_size": 8, "max_request_bytes": BODY_LIMIT, **overrides}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    """A fresh local Ray with Serve on a free loopback port; yields the base URL."""
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def server(cluster, model_dir):
-    serve.run(build_app(app_args(model_dir)), name="cllm", route_prefix="/")
-    return cluster
+def server(serve_cluster, served_dir):
+    serve.run(build_app(app_args(served_dir)), name="cllm", route_prefix="/")
+    return serve_cluster
 
 
 def complete(url: str, prompt: str, max_tokens: int, **fields) -> requests.Response:
@@ -95,10 +70,10 @@ def health(url: str) -> dict:
     return requests.get(url + "/healthz", timeout=TIMEOUT).json()
 
 
-def answers_exactly(url: str, loaded, prompt: str = "end.", max_tokens: int = 8) -> bool:
+def answers_exactly(url: str, served, prompt: str = "end.", max_tokens: int = 8) -> bool:
     response = complete(url, prompt, max_tokens)
     return response.status_code == 200 and response.json()["choices"][0]["text"] == greedy_text(
-        loaded, prompt, max_tokens
+        served, prompt, max_tokens
     )
 
 
@@ -325,7 +300,7 @@ def send(url: str, p: Probe) -> tuple[int, str]:
     return response.status_code, message
 
 
-def test_hostile_requests_each_get_a_4xx_and_the_server_still_answers_exactly(server, loaded):
+def test_hostile_requests_each_get_a_4xx_and_the_server_still_answers_exactly(server, served):
     probes = hostile_requests(500)
     start = time.monotonic()
     with ThreadPoolExecutor(16) as pool:
@@ -339,19 +314,19 @@ def test_hostile_requests_each_get_a_4xx_and_the_server_still_answers_exactly(se
           f"by family {dict(Counter(p.family for p in probes))}")  # fmt: skip
     assert by_class == {"4xx": 500}, wrong[:10]
     assert not wrong, wrong[:10]  # each got the status of its kind, with an OpenAI error message
-    assert answers_exactly(server, loaded)
+    assert answers_exactly(server, served)
     state = health(server)
     assert state["running"] == 0 and state["waiting"] == 0
 
 
-def test_the_body_limit_is_a_413_and_a_body_just_under_it_is_served(server, loaded):
+def test_the_body_limit_is_a_413_and_a_body_just_under_it_is_served(server, served):
     prompt = "x" * (CONTEXT - 10)
     body = {"model": MODEL_NAME, "prompt": prompt, "max_tokens": 4, "user": ""}
     size = len(json.dumps(body))
     body["user"] = "u" * (BODY_LIMIT - size)
     assert len(json.dumps(body)) == BODY_LIMIT
     response = requests.post(server + COMPLETIONS, data=json.dumps(body), timeout=TIMEOUT)
-    assert response.status_code == 200 and response.json()["choices"][0]["text"] == greedy_text(loaded, prompt, 4)
+    assert response.status_code == 200 and response.json()["choices"][0]["text"] == greedy_text(served, prompt, 4)
     body["user"] += "u"
     response = requests.post(server + COMPLETIONS, data=json.dumps(body), timeout=TIMEOUT)
     assert response.status_code == 413
@@ -363,7 +338,7 @@ def test_the_body_limit_is_a_413_and_a_body_just_under_it_is_served(server, load
 # A client that leaves
 
 
-def test_a_client_that_leaves_mid_stream_frees_its_row_within_a_few_steps(server, loaded):
+def test_a_client_that_leaves_mid_stream_frees_its_row_within_a_few_steps(server, served):
     """The engine steps only while it has requests, so `steps` in /healthz counts the passes a request cost."""
     payload = {"model": MODEL_NAME, "prompt": "zzz", "max_tokens": CONTEXT - 4}
     full = requests.post(server + COMPLETIONS, json=payload, timeout=TIMEOUT).json()
@@ -380,7 +355,7 @@ def test_a_client_that_leaves_mid_stream_frees_its_row_within_a_few_steps(server
           f"its row freed {after_close} steps later")  # fmt: skip
     assert state["running"] == 0 and state["waiting"] == 0
     assert after_close < full_steps // 8  # the disconnect travels through the proxy while steps go on
-    assert answers_exactly(server, loaded, "zzz", 12)
+    assert answers_exactly(server, served, "zzz", 12)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -393,11 +368,11 @@ def test_a_client_that_leaves_mid_stream_frees_its_row_within_a_few_steps(server
 
 
 @pytest.fixture(scope="module")
-def gpt2_server(cluster, tmp_path_factory):
+def gpt2_server(serve_cluster, tmp_path_factory):
     model = tiny_model("gpt2", vocab_size=BYTE_VOCAB, context=CONTEXT)
     path = save_model_dir(tmp_path_factory.mktemp("tiny-byte-gpt2"), model, byte_level_tokenizer())
     serve.run(build_app(app_args(path)), name="gpt2", route_prefix="/gpt2")
-    yield cluster + "/gpt2", load_model(str(path), device="cpu")
+    yield serve_cluster + "/gpt2", load_model(str(path), device="cpu")
     serve.delete("gpt2")
 
 
@@ -443,11 +418,11 @@ def context_end_mix(url: str) -> tuple[tuple[str, str | None], list[requests.Res
 
 
 def test_a_request_at_the_context_end_fails_no_one(gpt2_server):
-    url, loaded = gpt2_server
+    url, served = gpt2_server
     (long_text, long_error), edges = context_end_mix(url)
     assert [edge.status_code for edge in edges] == [200] * len(edges), edges[0].text
-    assert {edge.json()["choices"][0]["text"] for edge in edges} == {greedy_text(loaded, EDGE_PROMPT, EDGE_TOKENS)}
-    assert long_error is None and long_text == greedy_text(loaded, "zzz", CONTEXT - 3)
+    assert {edge.json()["choices"][0]["text"] for edge in edges} == {greedy_text(served, EDGE_PROMPT, EDGE_TOKENS)}
+    assert long_error is None and long_text == greedy_text(served, "zzz", CONTEXT - 3)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -462,9 +437,9 @@ def replicas(app: str) -> dict[str, int]:
 
 
 @pytest.mark.slow
-def test_a_killed_replica_process_is_replaced_and_requests_succeed_again(server, loaded):
+def test_a_killed_replica_process_is_replaced_and_requests_succeed_again(server, served):
     ((name, pid),) = replicas("cllm").items()
-    expected = greedy_text(loaded, "hi there", 12)
+    expected = greedy_text(served, "hi there", 12)
     os.kill(pid, signal.SIGKILL)  # a crash, not a polite shutdown
     killed_at, first_success = time.monotonic(), None
     while first_success is None and time.monotonic() - killed_at < 240:
@@ -505,18 +480,18 @@ def wait_for(condition, timeout: float, every: float = 0.5) -> float | None:
 
 
 @pytest.mark.slow
-def test_sustained_load_adds_a_replica_and_idleness_removes_it(cluster, model_dir, loaded):
+def test_sustained_load_adds_a_replica_and_idleness_removes_it(serve_cluster, served_dir, served):
     """Replicas of a quarter CPU, 1 to 2 of them, a target of 1 ongoing request, delays of seconds, load
     averaged over 12 s (Serve wants more than its 10 s metrics interval). Four clients keep four requests
     in flight until the second replica runs, then stop. Starting a replica imports torch and loads the
     model: about a minute on a busy 2-core machine, hence the long bounds."""
-    args = app_args(model_dir, min_replicas=1, max_replicas=2, target_ongoing_requests=1, upscale_delay_s=1,
+    args = app_args(served_dir, min_replicas=1, max_replicas=2, target_ongoing_requests=1, upscale_delay_s=1,
                     downscale_delay_s=3, look_back_period_s=12, max_ongoing_requests=8)  # fmt: skip
     serve.run(build_app(args), name="auto", route_prefix="/auto")
-    url = cluster + "/auto"
+    url = serve_cluster + "/auto"
     try:
         assert replica_states("auto") == {"RUNNING": 1}
-        expected = greedy_text(loaded, "zzz", 150)
+        expected = greedy_text(served, "zzz", 150)
         stop, failures = [], []
 
         def load() -> int:

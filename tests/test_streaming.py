@@ -1,4 +1,4 @@
-"""Incremental detokenization and stop sequences (cllm.streaming): pure, no model, no Ray."""
+"""Incremental detokenization and stop sequences (cllm.serving.output): pure, no model, no Ray."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import random
 import pytest
 from conftest import byte_level_tokenizer
 
-from cllm.streaming import REPLACEMENT, IncrementalDetokenizer, StopMatcher, TextStream
+from cllm.serving.output import REPLACEMENT, IncrementalDetokenizer, StopMatcher, TextStream
 from cllm.tokenizer import build_tokenizer, wrap_tokenizer
 
 TEXT = "héllo wörld: 中文 and 🎉 ok"

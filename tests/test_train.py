@@ -234,10 +234,10 @@ def test_cli_reports_bad_input_without_a_trace(tmp_path):
         "local",
     ]
     done = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 1
+    assert done.returncode == 2
     assert "error: training data not found" in done.stderr and "Traceback" not in done.stderr
     done = subprocess.run([sys.executable, str(script), "--batch-size", "0"], capture_output=True, text=True)
-    assert done.returncode == 1 and "batch_size" in done.stderr and "Traceback" not in done.stderr
+    assert done.returncode == 2 and "--batch-size" in done.stderr and "Traceback" not in done.stderr
 
 
 def test_config_from_yaml_and_cli(tmp_path):
@@ -253,5 +253,5 @@ def test_config_from_yaml_and_cli(tmp_path):
     other = load_config(TrainConfig, ["--config", str(yaml_file), "--model", str(tmp_path)])
     assert (other.recipe, other.ar_weight, other.lr, other.epochs) == ("model", 10.0, 2e-5, 2)
     assert load_config(TrainConfig, ["--config", str(yaml_file), "--epochs", "1"]).epochs == 1  # a set value wins
-    with pytest.raises(ValueError, match="zero_stage"):
+    with pytest.raises(ValueError, match="zero-stage"):
         load_config(TrainConfig, ["--config", str(yaml_file), "--zero-stage", "4"])

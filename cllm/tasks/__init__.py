@@ -20,6 +20,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
+from cllm.errors import ConfigError, DataError
 from cllm.tasks import arith
 from cllm.tasks.records import BLANK_PROMPT, MISSING_PROMPT, TEXT_FORMAT, UNREADABLE_RECORD, Unreadable, read_row
 from cllm.tasks.scoring import (  # noqa: F401  (the scoring interface, re-exported)
@@ -58,12 +59,17 @@ def describe_set_aside(counts: dict[str, int]) -> str:
 class DataFields(BaseModel):
     """Where prompts come from and how they are read; declared once, inherited by the stage configs."""
 
-    dataset: str = "builtin:arith"  # builtin:arith, a .jsonl/.json/.parquet file, or a Hugging Face dataset
-    prompt_field: str = "prompt"  # column holding the prompt (GSM8K on the hub: "question")
-    answer_field: str = "answer"
-    chat: bool = False  # apply the tokenizer's chat template to text prompts (chat turns always get it)
-    test_fraction: float | None = Field(None, gt=0, lt=1)  # split one file: this share of its prompts is "test"
-    split_seed: int = 0  # which prompts a test_fraction split holds out
+    dataset: str = Field(
+        "builtin:arith",
+        description="builtin:arith, a .jsonl/.json/.parquet file ({split} in its path: one file per split), or the "
+                    "name of a Hugging Face dataset")
+    prompt_field: str = Field("prompt", description="the field holding the prompt (GSM8K on the hub: question)")
+    answer_field: str = Field("answer", description="the field holding the reference answer, if any")
+    chat: bool = Field(
+        False, description="apply the tokenizer's chat template to text prompts (chat turns always get it)")
+    test_fraction: float | None = Field(
+        None, gt=0, lt=1, description="split one file: this share of its prompts is the test split; None: not split")
+    split_seed: int = Field(0, description="which prompts a test_fraction split holds out")
 
     def load_split(self, split: str, limit: int | None = None, seed: int = 0) -> Task:
         """`load_task` with these fields."""
@@ -115,8 +121,12 @@ class Task:
         return accuracy(predictions, self.answers)
 
     def metric(self, requested: str = "auto") -> tuple[str, str]:
-        """The metric this dataset is scored with, and why (`choose_metric`)."""
-        return choose_metric(requested, self.answers, builtin=self.builtin)
+        """The metric this dataset is scored with, and why (`choose_metric`); a DataError for one it cannot be
+        scored with."""
+        try:
+            return choose_metric(requested, self.answers, builtin=self.builtin)
+        except ValueError as err:
+            raise DataError(f"{self.name}: {err}") from err
 
 
 # ----- loading -----
@@ -135,7 +145,7 @@ def load_task(
 ) -> Task:
     """Load `split` of the dataset named by `spec` (see the module docstring); `limit` keeps its first N rows."""
     if limit is not None and limit < 1:
-        raise ValueError(f"limit must be >= 1, got {limit}")
+        raise ConfigError(f"limit must be >= 1, got {limit}")
     if spec.startswith(BUILTIN_PREFIX):
         refuse_fraction(test_fraction, spec, "the built-in task has its own disjoint train and test splits")
         return builtin_task(spec, split, limit, seed)
@@ -159,15 +169,15 @@ def load_task(
 
 def refuse_fraction(test_fraction: float | None, spec: str, why: str) -> None:
     if test_fraction is not None:
-        raise ValueError(f"test_fraction splits a single data file; {spec!r} cannot be split that way: {why}")
+        raise ConfigError(f"test_fraction splits a single data file; {spec!r} cannot be split that way: {why}")
 
 
 def builtin_task(spec: str, split: str, limit: int | None, seed: int) -> Task:
     name = spec[len(BUILTIN_PREFIX):]
     if name not in BUILTIN_TASKS:
-        raise ValueError(f"unknown built-in task {name!r}: choose from {list(BUILTIN_TASKS)}")
+        raise DataError(f"unknown built-in task {name!r}: choose from {list(BUILTIN_TASKS)}")
     if split not in BUILTIN_SIZES:
-        raise ValueError(f"unknown split {split!r} for the built-in task: use one of {list(BUILTIN_SIZES)}")
+        raise ConfigError(f"unknown split {split!r} for the built-in task: use one of {list(BUILTIN_SIZES)}")
     n = BUILTIN_SIZES[split] if limit is None else limit
     records = [{"prompt": p.prompt, "answer": p.answer} for p in arith.generate(n, split, seed)]
     source = f"built-in task generated from seed {seed}; a problem's split is fixed by a hash of its prompt"
@@ -185,7 +195,7 @@ def rows_to_task(rows: list, name: str, split: str, limit: int | None, *, prompt
         numbers = split_indices(keys, split, test_fraction, split_seed)
     numbers = numbers[:limit] if limit is not None else numbers
     if not numbers:
-        raise ValueError(f"dataset {name!r} (split {split!r}) has no records")
+        raise DataError(f"dataset {name!r} (split {split!r}) has no records")
     records, set_aside, formats = [], {}, Counter()
     for number in numbers:
         record, fmt = read[number]
@@ -196,8 +206,9 @@ def rows_to_task(rows: list, name: str, split: str, limit: int | None, *, prompt
             set_aside.setdefault(record.reason, []).append(number)
     if not records:
         first = min(numbers)
-        raise ValueError(f"{name}: no record of split {split!r} can be read as a prompt; record {first} "
-                         f"{read[first][0]}" + (f" (and {len(numbers) - 1} more)" if len(numbers) > 1 else ""))
+        more = f" (and {len(numbers) - 1} more)" if len(numbers) > 1 else ""
+        raise DataError(f"{name}: no record of split {split!r} can be read as a prompt; record {first} "
+                        f"{read[first][0]}{more}; --prompt-field names the field that holds the prompt")
     return Task(name=name, split=split, records=records, set_aside=set_aside, formats=dict(formats), source=source)
 
 
@@ -211,7 +222,8 @@ def read_or_set_aside(row, prompt_field: str, answer_field: str) -> tuple[dict |
 
 def file_rows(path: Path) -> list:
     if not path.is_file():
-        raise ValueError(f"dataset file not found: {path}")
+        raise DataError(f"dataset file not found: {path} (a dataset is builtin:arith, a .jsonl/.json/.parquet file, "
+                        "or the name of a Hugging Face dataset)")
     return read_parquet(path) if path.suffix == ".parquet" else read_json_lines(path)
 
 
@@ -222,7 +234,7 @@ def read_parquet(path: Path) -> list[dict]:
     try:
         return pq.read_table(path).to_pylist()
     except (pa.ArrowException, OSError) as err:
-        raise ValueError(f"cannot read Parquet file {path}: {err}") from err
+        raise DataError(f"cannot read Parquet file {path}: {err}") from err
 
 
 def read_json_lines(path: Path) -> list:
@@ -230,12 +242,15 @@ def read_json_lines(path: Path) -> list:
 
     A line that is not JSON fails the load: it means a broken file, not one odd record.
     """
-    text = path.read_text()
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(f"cannot read dataset file {path}: {err}") from err
     if path.suffix == ".json" and text.lstrip().startswith("["):
         try:
             return json.loads(text)
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path} is not valid JSON: {err}") from err
+            raise DataError(f"{path} is not valid JSON: {err}") from err
     rows = []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -243,7 +258,7 @@ def read_json_lines(path: Path) -> list:
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path} line {number} is not valid JSON: {err}") from err
+            raise DataError(f"{path} line {number} is not valid JSON: {err}") from err
     return rows
 
 
@@ -252,7 +267,7 @@ def hub_rows(name: str, split: str) -> list:
     try:
         import datasets
     except ImportError:
-        raise ValueError(
+        raise DataError(
             f"{name!r} is neither a built-in task nor a .jsonl/.json/.parquet file; loading it as a "
             "Hugging Face dataset needs the `datasets` package (pip install datasets)"
         ) from None
@@ -260,5 +275,5 @@ def hub_rows(name: str, split: str) -> list:
     try:
         dataset = datasets.load_dataset(repo, config or None, split=split)
     except Exception as err:  # offline, unknown name, unknown split: all reported the same way
-        raise ValueError(f"cannot load Hugging Face dataset {name!r} split {split!r}: {err}") from err
+        raise DataError(f"cannot load Hugging Face dataset {name!r} split {split!r}: {err}") from err
     return list(dataset)

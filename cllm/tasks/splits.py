@@ -12,6 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 
+from cllm.errors import ConfigError, DataError
+
 SPLITS = ("train", "test")
 
 
@@ -28,7 +30,7 @@ def test_keys(keys: list[str], fraction: float, seed: int) -> set[str]:
     """The distinct keys that form the test split."""
     distinct = sorted(set(keys), key=lambda key: rank(key, seed))
     if len(distinct) < 2:
-        raise ValueError(f"splitting by test_fraction needs at least 2 distinct prompts, found {len(distinct)}")
+        raise DataError(f"splitting by test_fraction needs at least 2 distinct prompts, found {len(distinct)}")
     size = min(max(1, round(fraction * len(distinct))), len(distinct) - 1)
     return set(distinct[:size])
 
@@ -36,6 +38,6 @@ def test_keys(keys: list[str], fraction: float, seed: int) -> set[str]:
 def split_indices(keys: list[str], split: str, fraction: float, seed: int) -> list[int]:
     """Indices (in file order) of the rows in `split`, given each row's prompt key."""
     if split not in SPLITS:
-        raise ValueError(f"a file split by test_fraction has the splits {list(SPLITS)}, not {split!r}")
+        raise ConfigError(f"a file split by test_fraction has the splits {list(SPLITS)}, not {split!r}")
     held_out = test_keys(keys, fraction, seed)
     return [i for i, key in enumerate(keys) if (key in held_out) == (split == "test")]

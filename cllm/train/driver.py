@@ -17,7 +17,8 @@ import ray
 import ray.train
 
 from cllm.data import check_columns
-from cllm.models import absolute_if_local, causal_lm_config
+from cllm.errors import DataError
+from cllm.models import absolute_if_local, causal_lm_config, check_model_path
 from cllm.train.config import TrainConfig, plan_steps
 from cllm.train.engines import MODEL_DIR
 from cllm.train.feed import ordered_feed
@@ -31,9 +32,16 @@ class TrainResult:
     checkpoint_path: str | None
 
 
-def read_records(config: TrainConfig) -> ray.data.Dataset:
+def check_inputs(config: TrainConfig) -> None:
+    """Refuse local records or a local model that do not exist; needs no Ray, so an entry point checks before
+    it starts a cluster."""
     if "://" not in config.data and not Path(config.data).exists():
-        raise ValueError(f"training data not found: {config.data}")
+        raise DataError(f"training data not found: {config.data} (--data takes a Parquet file or a directory of them)")
+    check_model_path(config.model)
+
+
+def read_records(config: TrainConfig) -> ray.data.Dataset:
+    check_inputs(config)
 
     def read() -> tuple[ray.data.Dataset, list[str]]:
         dataset = ray.data.read_parquet(config.data, file_extensions=["parquet"])
@@ -44,7 +52,7 @@ def read_records(config: TrainConfig) -> ray.data.Dataset:
     except Exception as err:  # Ray wraps pyarrow's errors in several types
         if lost_to_the_cluster(err):
             raise
-        raise ValueError(f"cannot read Parquet records from {config.data}: {err}") from err
+        raise DataError(f"cannot read Parquet records from {config.data}: {err}") from err
     check_columns(columns, config.objective)
     return dataset
 
@@ -156,10 +164,10 @@ def run_training(
 
 
 def raise_bad_input(err: Exception) -> None:
-    """A ValueError in a worker (a malformed record) becomes a ValueError here, not a worker trace."""
+    """A ValueError in a worker (a malformed record) becomes a DataError here, not a worker trace."""
     for rank, failure in getattr(err, "worker_failures", {}).items():
         if isinstance(failure, ValueError):
-            raise ValueError(f"training worker {rank} rejected its input: {failure}") from None
+            raise DataError(f"training worker {rank} rejected its input: {failure}") from None
 
 
 def export_model(checkpoint: ray.train.Checkpoint, output_dir: Path) -> Path:

@@ -1,10 +1,11 @@
 """The OpenAI wire format the server speaks: request and response schemas, SSE framing, error bodies.
 
-Pure pydantic, no Ray and no model: the Serve deployment parses with `parse_request`, refuses what
-Jacobi decoding cannot honour with `reject_unsupported`, and answers with the models below.
+Pure pydantic, no Ray and no model: the Serve deployment (`cllm.serving.api`) parses with `parse_request`,
+refuses what Jacobi decoding cannot honour with `reject_unsupported`, and answers with the models below.
 Sampling (temperature, top_p, the `top_k` extension, seed, n) is honoured exactly: see `cllm.sampling`.
-Every failure is an `OpenAIError`, which carries its HTTP status and renders as
-`{"error": {"message", "type", "param", "code"}}` like OpenAI's own errors.
+Every refusal at this layer is an `OpenAIError`, which carries its HTTP status and renders as
+`{"error": {"message", "type", "param", "code"}}` like OpenAI's own errors; layers below raise domain
+errors (`cllm.serving.request.RequestError`), which the API layer renders the same way.
 """
 
 from __future__ import annotations
@@ -12,10 +13,14 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError, model_serializer
+
+from cllm.modes import ModeName
+from cllm.serving.request import FinishReason, Request
 
 MAX_STOP_SEQUENCES = 4
 MAX_CHOICES = 16  # n: samples of one prompt, decoded as rows of one batch
@@ -256,7 +261,7 @@ class Usage(BaseModel):
 class JacobiStats(BaseModel):
     """How the answer was decoded; an extension field, ignored by OpenAI clients."""
 
-    mode: Literal["jacobi", "ar", "multiblock"]
+    mode: ModeName
     block_size: int
     forward_passes: int  # decoding passes this request took part in (prefill excluded)
     tokens_per_forward: float
@@ -268,9 +273,6 @@ class JacobiStats(BaseModel):
     # the part of first_token_seconds spent queued for the engine (or for a static batch); the rest is the
     # request's prefill, so a long wait here means the replica is full, a long rest a long prompt
     queue_seconds: float | None = None
-
-
-FinishReason = Literal["stop", "length"]
 
 
 class CompletionChoice(BaseModel):
@@ -370,8 +372,9 @@ def sse_event(payload: BaseModel | dict[str, Any]) -> str:
 
 
 # ----- reply builders: one request's full answer, or its stream of chunks -----
-# `jobs` are the decoding states of the request's choices (cllm.serving.DecodeJob: prompt_ids, tokens, text,
-# finish_reason), one per sample of its prompt; `index` names the choice a chunk belongs to.
+# `choices` are the request records of a client request's choices (`cllm.serving.request.Request`: prompt_ids,
+# tokens, finish_reason), one per sample of its prompt, and `texts` their answers; `index` names the choice a
+# chunk belongs to.
 
 
 @dataclass
@@ -384,14 +387,14 @@ class Reply:
     seed: int | None = None  # a sampled request's seed, sent back so the answer can be reproduced
 
     @staticmethod
-    def usage(jobs) -> Usage:
-        n, m = len(jobs[0].prompt_ids), sum(len(job.tokens) for job in jobs)  # the prompt counts once
+    def usage(choices: Sequence[Request]) -> Usage:
+        n, m = len(choices[0].prompt_ids), sum(len(choice.tokens) for choice in choices)  # the prompt counts once
         return Usage(prompt_tokens=n, completion_tokens=m, total_tokens=n + m)
 
     def opening(self, index: int = 0) -> str:
         return ""
 
-    def usage_only(self, jobs) -> str:
+    def usage_only(self, choices: Sequence[Request]) -> str:
         return sse_event(
             {
                 "id": self.id,
@@ -399,7 +402,7 @@ class Reply:
                 "created": self.created,
                 "model": self.model,
                 "choices": [],
-                "usage": self.usage(jobs).model_dump(),
+                "usage": self.usage(choices).model_dump(),
                 "seed": self.seed,
             }
         )
@@ -408,16 +411,16 @@ class Reply:
 class CompletionReply(Reply):
     chunk_object = "text_completion"
 
-    def full(self, jobs, stats: JacobiStats) -> CompletionResponse:
+    def full(self, choices: Sequence[Request], texts: Sequence[str], stats: JacobiStats) -> CompletionResponse:
         return CompletionResponse(
             id=self.id,
             created=self.created,
             model=self.model,
             choices=[
-                CompletionChoice(index=i, text=job.text.text, finish_reason=job.finish_reason)
-                for i, job in enumerate(jobs)
+                CompletionChoice(index=i, text=text, finish_reason=choice.finish_reason)
+                for i, (choice, text) in enumerate(zip(choices, texts, strict=True))
             ],
-            usage=self.usage(jobs),
+            usage=self.usage(choices),
             jacobi_stats=stats,
             seed=self.seed,
         )
@@ -437,23 +440,23 @@ class CompletionReply(Reply):
     def delta(self, text: str, index: int = 0) -> str:
         return sse_event(self.chunk(text, index=index))
 
-    def closing(self, job, stats: JacobiStats, index: int = 0) -> str:
-        return sse_event(self.chunk("", job.finish_reason, stats, index))
+    def closing(self, choice: Request, stats: JacobiStats, index: int = 0) -> str:
+        return sse_event(self.chunk("", choice.finish_reason, stats, index))
 
 
 class ChatReply(Reply):
     chunk_object = "chat.completion.chunk"
 
-    def full(self, jobs, stats: JacobiStats) -> ChatCompletionResponse:
+    def full(self, choices: Sequence[Request], texts: Sequence[str], stats: JacobiStats) -> ChatCompletionResponse:
         return ChatCompletionResponse(
             id=self.id,
             created=self.created,
             model=self.model,
             choices=[
-                ChatChoice(index=i, message=AssistantMessage(content=job.text.text), finish_reason=job.finish_reason)
-                for i, job in enumerate(jobs)
+                ChatChoice(index=i, message=AssistantMessage(content=text), finish_reason=choice.finish_reason)
+                for i, (choice, text) in enumerate(zip(choices, texts, strict=True))
             ],
-            usage=self.usage(jobs),
+            usage=self.usage(choices),
             jacobi_stats=stats,
             seed=self.seed,
         )
@@ -476,5 +479,5 @@ class ChatReply(Reply):
     def delta(self, text: str, index: int = 0) -> str:
         return sse_event(self.chunk(ChatDelta(content=text), index=index))
 
-    def closing(self, job, stats: JacobiStats, index: int = 0) -> str:
-        return sse_event(self.chunk(ChatDelta(), job.finish_reason, stats, index))
+    def closing(self, choice: Request, stats: JacobiStats, index: int = 0) -> str:
+        return sse_event(self.chunk(ChatDelta(), choice.finish_reason, stats, index))

@@ -1,16 +1,26 @@
-"""Turning committed tokens into text a client can be sent piece by piece.
+"""The output processor: committed tokens in, text to send out, outside the engine's step.
 
-Two small state machines, both pure:
+Three small state machines, all pure:
   IncrementalDetokenizer  token ids in, text deltas out; a delta never ends inside a multi-byte
                           character, and the deltas add up to `tokenizer.decode(all_ids)`.
   StopMatcher             text deltas in, text safe to send out; holds back a tail that could be the
                           start of a stop sequence, and cuts the text where a stop sequence begins.
-`TextStream` chains them for one request.
+  TextStream              chains them for one request.
+`OutputProcessor` keeps a `TextStream` per request: it turns each step's `EngineOutput`s into
+`TextOutput`s (a text delta, and whether the request is over), ends a request whose text reached a stop
+sequence (the engine is then told to drop its row), and fails a request whose text cannot be made,
+alone. Nothing here imports Ray.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from cllm.serving.request import EngineOutput, Request, RequestStatus
+
+logger = logging.getLogger("ray.serve")
 
 REPLACEMENT = "\ufffd"  # what a decoder shows for bytes that are not (yet) a whole UTF-8 character
 
@@ -112,3 +122,71 @@ class TextStream:
         out += self.matcher.finish()
         self.text += out
         return out
+
+
+@dataclass
+class TextOutput:
+    """What a client gets from one step: its request's new text, and whether the request is over (its record
+    then names why: `finish_reason`, `error`)."""
+
+    request: Request
+    text: str
+    finished: bool = False
+
+
+@dataclass
+class Processed:
+    texts: list[TextOutput] = field(default_factory=list)
+    stopped: list[Request] = field(default_factory=list)  # ended here, still running in the engine: drop them
+
+
+class OutputProcessor:
+    """Engine outputs -> text outputs, one `TextStream` per request, from its first tokens to its end."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.streams: dict[str, TextStream] = {}
+        self.closed: set[str] = set()  # ended here; the engine has yet to say it let them go
+
+    def stream(self, request: Request) -> TextStream:
+        if (stream := self.streams.get(request.request_id)) is None:
+            stream = self.streams[request.request_id] = TextStream(self.tokenizer, request.stop)
+        return stream
+
+    def process(self, outputs: Sequence[EngineOutput]) -> Processed:
+        processed = Processed()
+        for output in outputs:
+            request = output.request
+            if request.request_id in self.closed:  # its client already has its end
+                if output.finished:
+                    self.closed.discard(request.request_id)
+                continue
+            text, ended_here = self.text_of(output)
+            finished = output.finished or ended_here
+            if finished:
+                self.streams.pop(request.request_id, None)
+                if not output.finished:
+                    self.closed.add(request.request_id)
+                    processed.stopped.append(request)
+            if text or finished:
+                processed.texts.append(TextOutput(request, text, finished))
+        return processed
+
+    def text_of(self, output: EngineOutput) -> tuple[str, bool]:
+        """The text the output adds (flushed at the end), and whether the request ended here: its text reached
+        a stop sequence, or could not be made (its failure must not end the requests sharing its steps)."""
+        request = output.request
+        if request.status in (RequestStatus.FINISHED_ABORTED, RequestStatus.FINISHED_ERROR):
+            return "", False
+        try:
+            stream = self.stream(request)
+            text = stream.push(output.new_tokens) if output.new_tokens else ""
+            if stream.stopped:
+                request.status = RequestStatus.FINISHED_STOPPED
+            elif output.finished:
+                text += stream.finish()
+            return text, stream.stopped
+        except Exception as err:
+            logger.exception("request failed while its text was made; it ends alone")
+            request.fail(err)
+            return "", True

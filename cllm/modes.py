@@ -1,0 +1,56 @@
+"""The decoding modes, named once: what each is, and which offline generate function decodes it.
+
+    jacobi      one Jacobi block in flight per row (`cllm.jacobi.jacobi_generate`)
+    ar          Jacobi decoding with a block of one token: one token per pass, the exact AR baseline
+    multiblock  several blocks in flight per row (`cllm.multiblock.multiblock_generate`, K = 2 by default)
+
+Every decoder outside the decoding core (the serving engines, evaluation, the benchmarks, the server's
+`mode` setting) reads a mode from `MODES` instead of testing names; nothing here imports Ray.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+from cllm.decoding import DecodeFields
+from cllm.jacobi import jacobi_generate
+from cllm.multiblock import multiblock_generate
+
+
+@dataclass(frozen=True)
+class DecodingMode:
+    name: str
+    summary: str
+    generate: Callable  # the offline decode of a whole batch, `jacobi_generate`'s signature
+    several_blocks: bool  # rows keep more than one block in flight (`cllm.multiblock.Lane`)
+    one_token: bool  # a block of one token: each pass commits exactly one token (AR)
+    takes_max_iters: bool  # `generate` restarts a block after `max_iters` passes
+
+    def block_size(self, configured: int) -> int:
+        """The block this mode decodes with: AR is Jacobi decoding with a block of one token."""
+        return 1 if self.one_token else configured
+
+    def options(self, decode: DecodeFields, seed: int = 0) -> dict:
+        """`generate`'s keyword arguments for these decoding settings (a block of one needs no guesses)."""
+        options: dict = {"block_size": self.block_size(decode.block_size)}
+        if not self.one_token:
+            options.update(init=decode.init, seed=seed)
+            if self.takes_max_iters:
+                options["max_iters"] = decode.max_iters
+        return options
+
+
+JACOBI = DecodingMode("jacobi", "one Jacobi block in flight per request", jacobi_generate, several_blocks=False,
+                      one_token=False, takes_max_iters=True)
+AR = DecodingMode("ar", "one token per pass (the baseline)", jacobi_generate, several_blocks=False, one_token=True,
+                  takes_max_iters=True)
+MULTIBLOCK = DecodingMode("multiblock", "two Jacobi blocks in flight per request (the fastest)", multiblock_generate,
+                          several_blocks=True, one_token=False, takes_max_iters=False)
+
+MODES: dict[str, DecodingMode] = {mode.name: mode for mode in (JACOBI, AR, MULTIBLOCK)}
+ModeName = Literal[tuple(MODES)]  # a config field of this type accepts exactly the modes above
+FASTEST = MULTIBLOCK.name  # measured on the built-in CLLMs (docs/results.md): the server's default
+BASELINE = AR.name  # what speed-ups are measured against
+CHOICES = "; ".join(f"{mode.name}: {mode.summary}" for mode in MODES.values()) + "; all exact"  # for help texts
