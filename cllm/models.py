@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from cllm.errors import ModelLoadError
 
 BUILTIN_MODEL = "builtin"
+CACHE_ENV = "CLLM_HOME"  # where models the project builds (the teacher, converted GGUF files) are cached
 TEACHER_METADATA = "teacher.json"  # what marks a directory as the built-in teacher (its recipe and score)
 
 
@@ -35,6 +37,10 @@ class LoadedModel:
     @property
     def context_length(self) -> int | None:
         return context_length(self.model)
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "cllm")
 
 
 def pick_device(device: str | None = None) -> torch.device:

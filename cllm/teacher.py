@@ -38,12 +38,19 @@ from pydantic import Field
 from cllm.config import ArgumentParser, StageConfig, load_config
 from cllm.decoding import response_budget
 from cllm.errors import run_main
-from cllm.models import BUILTIN_MODEL, TEACHER_METADATA, encode_prompts, is_builtin_teacher, load_model
+from cllm.models import (
+    BUILTIN_MODEL,
+    CACHE_ENV,
+    TEACHER_METADATA,
+    default_cache_dir,
+    encode_prompts,
+    is_builtin_teacher,
+    load_model,
+)
 from cllm.tasks import accuracy, arith
 
 log = logging.getLogger(__name__)
 
-CACHE_ENV = "CLLM_HOME"
 METADATA_FILE = TEACHER_METADATA
 RECIPE_VERSION = 4  # bump when the task, the tokenizer or the training code changes the weights
 CHAT_TEMPLATE_FILE = "chat_template.jinja"  # where transformers 5 saves a tokenizer's chat template
@@ -87,10 +94,6 @@ class TeacherConfig(StageConfig):
         recipe = self.model_dump(exclude={"eval_problems", "eval_batch_size"}) | {"version": RECIPE_VERSION}
         digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
         return f"builtin-teacher-{digest}"
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "cllm")
 
 
 def weights_digest(model_dir: Path) -> str:
