@@ -19,7 +19,11 @@ request's prefill began, tokens per forward and errors. The clients are
 coroutines on one event loop, so the load generator takes little of the server's CPU. Every
 variant decodes greedily, so all must answer identically, and equal to `generate` run here on the same
 model (`--check`); it checks both.
-Prompts are the built-in task's test problems.
+Prompts are the test split of `--dataset` (default: the built-in task); with `--chat` each is sent to
+`/v1/chat/completions` as one user message, so the server applies the model's chat template:
+
+    python benchmarks/serve_load.py --model smollm2-cllm --dataset 'path/to/gsm8k/{split}.jsonl' \
+        --prompt-field question --chat --modes multiblock,jacobi,ar --engines continuous --concurrency 1,4,16
 """
 
 from __future__ import annotations
@@ -45,15 +49,15 @@ from cllm.config import StageConfig, load_config  # noqa: E402
 from cllm.decoding import DecodeFields  # noqa: E402
 from cllm.modes import BASELINE, JACOBI, MODES, ModeName  # noqa: E402
 from cllm.serving.config import ServeOptions  # noqa: E402
-from cllm.tasks import arith  # noqa: E402
+from cllm.tasks import DataFields  # noqa: E402
 
 EngineKind = ServeOptions.model_fields["engine"].annotation
 
 
-class LoadConfig(StageConfig, DecodeFields, ServeOptions):
+class LoadConfig(StageConfig, DataFields, DecodeFields, ServeOptions):
     """The load, and the servers to put it on: their settings are the server's own (`ServeOptions`,
     `DecodeFields`: the same names, bounds, defaults and checks), each variant with its `mode` and `engine`
-    taken from `modes` x `engines`."""
+    taken from `modes` x `engines`; the prompts are the test split of the dataset (`DataFields`)."""
 
     model: str | None = None  # default: the server's default (last default pipeline run, else built-in)
     model_name: str = "cllm-bench"
@@ -97,23 +101,41 @@ class Outcome:
     client_first: bool = False  # a closed-loop client's first request: all clients send theirs at once
 
 
-async def attempt(session: aiohttp.ClientSession, base: str, payload: dict, stream: bool, timeout: float) -> Outcome:
+def request_body(cfg: LoadConfig, model_name: str, prompt: str, max_tokens: int) -> tuple[str, dict]:
+    """The route and body of one request: a completion, or with `chat` a chat completion of one user turn."""
+    if cfg.chat:
+        return "/v1/chat/completions", {"model": model_name, "max_tokens": max_tokens,
+                                        "messages": [{"role": "user", "content": prompt}]}
+    return "/v1/completions", {"model": model_name, "prompt": prompt, "max_tokens": max_tokens}
+
+
+def choice_text(choice: dict) -> str:
+    """The text of a (streamed) choice of either route."""
+    if "text" in choice:
+        return choice["text"]
+    return (choice.get("delta") or choice.get("message") or {}).get("content") or ""
+
+
+async def attempt(session: aiohttp.ClientSession, base: str, request: tuple[str, dict], stream: bool,
+                  timeout: float) -> Outcome:
     """`complete`, with a failure counted as an outcome instead of ending the run."""
     start = time.perf_counter()
     try:
-        return await complete(session, base, payload, stream, timeout)
+        return await complete(session, base, request, stream, timeout)
     except (OSError, aiohttp.ClientError, asyncio.TimeoutError, RuntimeError, ValueError) as err:
         return Outcome(time.perf_counter() - start, None, 0, 0, "", error=f"{type(err).__name__}: {err}")
 
 
-async def complete(session: aiohttp.ClientSession, base: str, payload: dict, stream: bool, timeout: float) -> Outcome:
+async def complete(session: aiohttp.ClientSession, base: str, request: tuple[str, dict], stream: bool,
+                   timeout: float) -> Outcome:
     """One request; with streaming, read the SSE events and note when the first text arrived."""
     start = time.perf_counter()
+    route, payload = request
     payload = {**payload, "stream": stream}
     if stream:
         payload["stream_options"] = {"include_usage": True}
     async with session.post(
-        base + "/v1/completions", json=payload, timeout=aiohttp.ClientTimeout(total=timeout)
+        base + route, json=payload, timeout=aiohttp.ClientTimeout(total=timeout)
     ) as response:
         if response.status != 200:
             raise RuntimeError(f"HTTP {response.status}: {await response.text()}")
@@ -125,7 +147,7 @@ async def complete(session: aiohttp.ClientSession, base: str, payload: dict, str
                 None,
                 answer["usage"]["completion_tokens"],
                 stats["forward_passes"],
-                answer["choices"][0]["text"],
+                choice_text(answer["choices"][0]),
                 replica_first_token=stats.get("first_token_seconds"),
                 replica_queue=stats.get("queue_seconds"),
             )
@@ -138,9 +160,10 @@ async def complete(session: aiohttp.ClientSession, base: str, payload: dict, str
             if "error" in event:
                 raise RuntimeError(event["error"]["message"])
             for choice in event.get("choices", []):
-                if choice["text"] and first is None:
+                piece = choice_text(choice)
+                if piece and first is None:
                     first = time.perf_counter() - start
-                text.append(choice["text"])
+                text.append(piece)
             stats = event.get("jacobi_stats") or stats
             if event.get("usage"):
                 tokens = event["usage"]["completion_tokens"]
@@ -163,8 +186,8 @@ async def run_load(base: str, cfg: LoadConfig, model_name: str, prompts: list[st
         results = []
         for r in range(cfg.requests_per_client):
             prompt = prompts[(c * cfg.requests_per_client + r) % len(prompts)]
-            payload = {"model": model_name, "prompt": prompt, "max_tokens": cfg.max_tokens}
-            outcome = await attempt(session, base, payload, cfg.stream, cfg.request_timeout_s)
+            request = request_body(cfg, model_name, prompt, cfg.max_tokens)
+            outcome = await attempt(session, base, request, cfg.stream, cfg.request_timeout_s)
             outcome.client_first = r == 0
             results.append((prompt, outcome))
         return results
@@ -187,8 +210,8 @@ async def run_open_loop(base: str, cfg: LoadConfig, model_name: str, prompts: li
     async def request(session: aiohttp.ClientSession, index: int) -> tuple[str, Outcome]:
         await asyncio.sleep(max(0.0, start + schedule[index] - time.perf_counter()))
         prompt = prompts[index % len(prompts)]
-        payload = {"model": model_name, "prompt": prompt, "max_tokens": cfg.max_tokens}
-        return prompt, await attempt(session, base, payload, cfg.stream, cfg.request_timeout_s)
+        request = request_body(cfg, model_name, prompt, cfg.max_tokens)
+        return prompt, await attempt(session, base, request, cfg.stream, cfg.request_timeout_s)
 
     async with client_session() as session:
         start = time.perf_counter()
@@ -200,8 +223,7 @@ async def run_open_loop(base: str, cfg: LoadConfig, model_name: str, prompts: li
 async def warm_up(base: str, cfg: LoadConfig, model_name: str, prompt: str) -> None:
     """One short request: first-call overheads are not the steady state. A refusal ends the run."""
     async with client_session() as session:
-        payload = {"model": model_name, "prompt": prompt, "max_tokens": 8}
-        await complete(session, base, payload, cfg.stream, cfg.request_timeout_s)
+        await complete(session, base, request_body(cfg, model_name, prompt, 8), cfg.stream, cfg.request_timeout_s)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -281,7 +303,7 @@ def main(argv: list[str] | None = None) -> None:
         cfg = load_config(LoadConfig, sys.argv[1:] if argv is None else argv)
     except ValueError as err:
         sys.exit(f"error: {err}")
-    prompts = [p.prompt for p in arith.generate(64, split="test", seed=cfg.seed)]
+    prompts = test_prompts(cfg)
     if cfg.url is not None:
         with urllib.request.urlopen(cfg.url.rstrip("/") + "/v1/models", timeout=30) as response:
             name = json.loads(response.read())["data"][0]["id"]
@@ -321,17 +343,26 @@ def main(argv: list[str] | None = None) -> None:
             stop_servers()
 
 
+def test_prompts(cfg: LoadConfig, count: int = 64) -> list[str]:
+    """The first `count` prompts of the dataset's test split, as text."""
+    records = cfg.load_split("test", limit=count, seed=cfg.seed).records
+    if not all(isinstance(record["prompt"], str) for record in records):
+        sys.exit("error: the load test sends text prompts (with --chat, each as one user message); this dataset "
+                 "holds chat turns")
+    return [record["prompt"] for record in records]
+
+
 def greedy_texts(cfg: LoadConfig, answered: dict[str, str]) -> dict[str, str]:
     """What `generate(do_sample=False)` answers to each prompt, decoded alone on this process's CPU."""
     import torch
 
-    from cllm.models import load_model
+    from cllm.models import format_prompt, load_model
     from cllm.teacher import resolve_model
 
     loaded = load_model(resolve_model(cfg.model), device="cpu", dtype="float32")
     tokenizer, expected = loaded.tokenizer, {}
     for prompt in answered:
-        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+        ids = tokenizer(format_prompt(tokenizer, prompt, chat=cfg.chat), return_tensors="pt")["input_ids"]
         with torch.no_grad():
             out = loaded.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
                                         max_new_tokens=cfg.max_tokens, pad_token_id=tokenizer.pad_token_id,
