@@ -420,7 +420,7 @@ def greedy_alone(loaded, prompt_ids: list[int], max_tokens: int) -> list[int]:
 
 class Served:
     """Requests through an engine and the output processor, stepped here (what the engine thread does): the
-    text each request was sent, piece by piece, and the requests in the order they ended."""
+    text each request was sent, piece by piece, the requests in the order they ended, and every step's stats."""
 
     def __init__(self, engine, tokenizer):
         from cllm.serving.bridge import EngineLoop
@@ -430,9 +430,11 @@ class Served:
         self.loop = EngineLoop(engine, OutputProcessor(tokenizer))
         self.deltas: dict[str, list[str]] = {}
         self.ended: list = []
+        self.stats: list = []
 
     def step(self):
         stats, texts = self.loop.step()
+        self.stats.append(stats)
         for output in texts:
             if output.text:
                 self.deltas.setdefault(output.request.request_id, []).append(output.text)

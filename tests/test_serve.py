@@ -3,14 +3,13 @@
 Every answer is checked against greedy `generate` on the same model. The tiny Llama reads one token per
 UTF-8 byte, so multi-byte characters span several committed tokens and streaming must not split them.
 The layers below the deployment are tested without Ray in test_serving.py, test_engine.py and
-test_openai_api.py; the server's config and app builder in test_serve_config.py.
+test_openai_api.py; the server's config and app builder in test_serve_config.py; the entry point, health
+checks and stopping in test_serve_lifecycle.py.
 """
 
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +18,7 @@ from pathlib import Path
 import pytest
 import ray
 import requests
-from conftest import SERVED_CONTEXT, SERVED_NAME, free_port, greedy_text, sampled_text, sampled_tokens
+from conftest import SERVED_CONTEXT, SERVED_NAME, greedy_text, sampled_text, sampled_tokens
 from ray import serve
 
 from cllm.models import format_prompt
@@ -48,35 +47,6 @@ PROMPTS = [
 
 def chat_text(served, content: str) -> str:
     return format_prompt(served.tokenizer, [{"role": "user", "content": content}], chat=True)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The entry point: pipelines/serve.py
-
-
-@pytest.mark.slow
-def test_pipeline_entry_serves_until_interrupted(served_dir, tmp_path):
-    """`python pipelines/serve.py --model DIR --port P` answers over HTTP and exits cleanly on Ctrl-C."""
-    port, root, log = free_port(), Path(__file__).resolve().parents[1], tmp_path / "serve.log"
-    command = [sys.executable, str(root / "pipelines" / "serve.py"), "--model", str(served_dir),
-               "--port", str(port), "--model-name", MODEL_NAME, "--num-cpus", "0.5"]  # fmt: skip
-    banner = f"http://127.0.0.1:{port}/v1"
-    with open(log, "w") as out:
-        process = subprocess.Popen(command, cwd=root, stdout=out, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 240
-        while banner not in log.read_text() and process.poll() is None and time.monotonic() < deadline:
-            time.sleep(2.0)
-        assert banner in log.read_text(), log.read_text()[-3000:]
-        response = post(f"http://127.0.0.1:{port}", "/v1/completions",
-                        {"model": MODEL_NAME, "prompt": "hi", "max_tokens": 5})  # fmt: skip
-        assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] == 5
-        process.send_signal(signal.SIGINT)
-        assert process.wait(timeout=120) == 0, log.read_text()[-3000:]
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -488,6 +458,63 @@ def test_proxy_floor_streams_like_the_server_with_no_model(server):
     assert len(results) == 6 and all(o.error is None and o.text == "xxxxx" and o.tokens == 5 for _, o in results)
     for _, outcome in results:
         assert outcome.first_token < outcome.latency and outcome.latency >= 0.08  # four events 20 ms apart
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Acceptance, per answer and in Prometheus
+
+
+def scrape(endpoint: str, application: str) -> dict[tuple[str, str], float]:
+    """The node's Prometheus samples of an application's replicas: (sample name, mode tag) -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    samples = {}
+    for family in text_string_to_metric_families(requests.get(endpoint, timeout=30).text):
+        for sample in family.samples:
+            if sample.labels.get("application") == application and "mode" in sample.labels:
+                key = (sample.name, sample.labels["mode"])
+                samples[key] = samples.get(key, 0.0) + sample.value
+    return samples
+
+
+@pytest.mark.parametrize("engine", ["continuous", "static"])
+def test_acceptance_per_answer_and_its_prometheus_counters_add_up(server, served_dir, engine):
+    """Each answer's `jacobi_stats` holds its accepted-length histogram; the replica's counters of committed
+    tokens and decoding passes, scraped from the node's Prometheus endpoint (Ray's metrics agent, which
+    exports them with a `ray_` prefix), equal the answers' sums, so their rates' ratio is the mean acceptance
+    length. An app of its own: its counters start at zero."""
+    app = f"metered-{engine}"
+    args = {"model": str(served_dir), "model_name": MODEL_NAME, "block_size": 4, "num_cpus": 0.5,
+            "engine": engine}  # fmt: skip
+    serve.run(build_app(args), name=app, route_prefix=f"/{app}")
+    try:
+        # the untrained model accepts one token per pass, almost always: these prompts have passes that accept two
+        prompts, budgets = ["aaaaaaaa", "The answer is", "end.", "zzz", "héllo wörld"], [60, 60, 60, 25, 40]
+        answers = [post(server, f"/{app}/v1/completions", {"model": MODEL_NAME, "prompt": prompt, "max_tokens": n})
+                   for prompt, n in zip(prompts, budgets, strict=True)]  # fmt: skip
+        committed = passes = 0
+        for answer in (response.json() for response in answers):
+            stats, tokens = answer["jacobi_stats"], answer["usage"]["completion_tokens"]
+            histogram = stats["accepted_lengths"]  # histogram[k]: passes that made k tokens final
+            assert sum(histogram) == stats["forward_passes"] > 0
+            assert sum(k * n for k, n in enumerate(histogram)) == tokens - 1  # the first token is prefill's
+            assert stats["tokens_per_forward"] == round((tokens - 1) / stats["forward_passes"], 4)
+            committed, passes = committed + tokens - 1, passes + stats["forward_passes"]
+        node = ray.nodes()[0]
+        endpoint = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+        assert committed > passes  # some passes accepted more than one token
+        wanted = {("ray_cllm_committed_tokens_total", "multiblock"): committed,
+                  ("ray_cllm_decode_passes_total", "multiblock"): passes}  # fmt: skip
+        deadline, seen = time.monotonic() + 60, {}
+        while time.monotonic() < deadline:  # the agent exports what replicas report every few seconds
+            seen = scrape(endpoint, app)
+            if all(seen.get(key) == value for key, value in wanted.items()):
+                break
+            time.sleep(2.0)
+        assert {key: seen.get(key) for key in wanted} == wanted, sorted(seen)
+        print(f"{engine}: mean acceptance length {committed / passes:.3f} ({committed} tokens / {passes} passes)")
+    finally:
+        serve.delete(app)
 
 
 @pytest.fixture(scope="module")

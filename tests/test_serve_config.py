@@ -27,6 +27,10 @@ def test_deployment_options_come_from_the_config():
     }
     assert options["ray_actor_options"] == {"num_cpus": 2, "num_gpus": 1}
     assert options["max_ongoing_requests"] == config.max_ongoing_requests
+    # Serve's health checks and stop take the server's settings: a dead engine is replaced within seconds, a
+    # stopping replica's requests in flight get the drain's time
+    assert (options["health_check_period_s"], options["health_check_timeout_s"]) == (2.0, 30.0)
+    assert options["graceful_shutdown_timeout_s"] == config.drain_timeout_s == 30.0
     auto = deployment_options(ServeConfig(model="x"))["ray_actor_options"]["num_gpus"]
     assert auto == (1.0 if torch.cuda.is_available() else 0.0)  # Ray is not running here: this host decides
 

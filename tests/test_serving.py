@@ -25,7 +25,7 @@ from cllm.models import LoadedModel
 from cllm.modes import AR, JACOBI, MODES, MULTIBLOCK
 from cllm.multiblock import multiblock_generate
 from cllm.sampling import SamplingParams
-from cllm.serving.bridge import AsyncEngine
+from cllm.serving.bridge import AsyncEngine, EngineStopped
 from cllm.serving.engine import Engine
 from cllm.serving.output import OutputProcessor
 from cllm.serving.request import ContextLengthError, EngineOutput, Request, RequestError, RequestStatus
@@ -202,12 +202,13 @@ def test_a_step_returns_each_requests_new_tokens_and_its_end_as_data(char_loaded
     ends = {r.request_id: 0 for r in requests}
     for request in requests[:3]:
         eng.add(request)
-    step = 0
+    step, steps = 0, []
     while eng.has_work() or step < 3:
         if step == 2:
             for request in requests[3:]:
                 eng.add(request)
         result = eng.step()
+        steps.append(result.stats)
         assert all(isinstance(output, EngineOutput) for output in result.outputs)
         assert len({output.request.request_id for output in result.outputs}) == len(result.outputs)
         for output in result.outputs:
@@ -218,6 +219,17 @@ def test_a_step_returns_each_requests_new_tokens_and_its_end_as_data(char_loaded
         assert gained[request.request_id] == request.tokens == greedy_alone(char_loaded, request.prompt_ids,
                                                                            request.max_tokens)
         assert ends[request.request_id] == 1 and request.finish_reason in ("stop", "length")
+    assert_acceptance_adds_up(requests, steps)
+
+
+def assert_acceptance_adds_up(requests: list[Request], steps: list) -> None:
+    """Each request's accepted-length histogram counts its passes and their tokens, and the steps' counts (what
+    the server's Prometheus counters add up) are the requests' together."""
+    for request in requests:
+        assert sum(request.accepted) == request.forward_passes
+        assert sum(k * n for k, n in enumerate(request.accepted)) == len(request.tokens) - 1
+    assert sum(stats.passes for stats in steps) == sum(request.forward_passes for request in requests)
+    assert sum(stats.committed for stats in steps) == sum(len(request.tokens) - 1 for request in requests)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -292,6 +304,28 @@ def test_generate_refuses_before_any_output_and_abort_frees_the_row(char_loaded)
     assert eng.num_running == 0 and eng.num_waiting == 0
 
 
+def test_when_the_engine_thread_ends_its_requests_fail_and_new_ones_are_refused(char_loaded):
+    """A request still decoding when the thread stops (a drain that ran out of time, a thread that died) ends
+    with an error instead of leaving its client waiting; a request after that is refused at once."""
+    eng = Engine(char_loaded, engine_config(block_size=4, mode="jacobi"))
+    bridge = AsyncEngine(eng, char_loaded.tokenizer)
+
+    async def scenario():
+        long = new_request(char_loaded.tokenizer, "zz", 400)
+        stream = bridge.generate([long])
+        first = await anext(stream)
+        bridge.stop(timeout=10)
+        rest = [output async for output in stream]
+        assert not bridge.alive and rest[-1].finished
+        assert long.status is RequestStatus.FINISHED_ERROR and "engine thread stopped" in long.error
+        assert first.text and len(long.tokens) < 400
+        with pytest.raises(EngineStopped):
+            bridge.generate([new_request(char_loaded.tokenizer, "a", 4)])
+        assert bridge.streams == {}
+
+    asyncio.run(asyncio.wait_for(scenario(), 60))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The static engine: whole batches, the same interface
 
@@ -318,6 +352,7 @@ def test_static_batches_match_greedy_generate(served, mode):
         assert request.batch_size == 4 and request.finish_reason in ("stop", "length")
         assert 0 < request.forward_passes < len(request.tokens)
         assert 0 <= request.queue_seconds < request.time_to_first_token
+    assert_acceptance_adds_up(requests, run.stats)
     if MODES[mode].one_token:
         assert all(request.tokens_per_forward == 1.0 for request in requests)
 

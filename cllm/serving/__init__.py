@@ -12,7 +12,8 @@
     bridge     the engine in a thread of its own; `generate(requests)` / `abort(requests)` for the event loop
     protocol   the OpenAI wire format (pydantic schemas, SSE framing, `OpenAIError`)
     config     `ServeOptions` / `ServeConfig`, Ray-free (the pipeline reads them without Ray Serve)
-    api        the Ray Serve deployment: routes, metrics, SSE, domain errors -> OpenAI errors, `build_app`
+    api        the Ray Serve deployment: routes, metrics, SSE, domain errors -> OpenAI errors, health and
+               drain, `build_app`, `stop_serving`
 
 One streamed chat request, from HTTP to its first token:
   1. api        `POST /v1/chat/completions`: the body is read (413 past `max_request_bytes`), parsed and

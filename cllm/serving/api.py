@@ -9,6 +9,13 @@ The only module of `cllm.serving` that touches Ray Serve, FastAPI or HTTP. A req
              (`RequestError`), answered here as an OpenAI error
   respond    JSON with OpenAI `usage` plus `jacobi_stats`, or Server-Sent Events ending in `data: [DONE]`
 
+A replica's life: `check_health` (Serve's probe, every `health_check_period_s`) fails once its engine
+thread has died, and Serve replaces it; /healthz answers 503 meanwhile, and so does every request.
+`stop_serving` stops the app without cutting a request: each replica drains (new requests get a 503, those
+in flight finish, for at most `drain_timeout_s`), then Serve stops the replicas, whose `__del__` stops the
+engine thread. A replica Serve stops on its own (scale-down, replacement, `serve.delete`) also gets
+`drain_timeout_s` for its requests in flight (Serve's `graceful_shutdown_timeout_s`).
+
 Use `import_path: cllm.serving.api:build_app` in a Serve config (see configs/serve.yaml).
 """
 
@@ -16,6 +23,7 @@ Use `import_path: cllm.serving.api:build_app` in a Serve config (see configs/ser
 # methods through Serve's ingress wrapper.
 
 import asyncio
+import itertools
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -30,7 +38,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cllm.models import format_prompt, load_model
 from cllm.modes import MODES
-from cllm.serving.bridge import AsyncEngine, OutputStream
+from cllm.serving.bridge import AsyncEngine, EngineStopped, OutputStream
 from cllm.serving.config import ServeConfig, checked_config
 from cllm.serving.protocol import (
     SSE_DONE,
@@ -79,6 +87,17 @@ class ServeMetrics:
         self.generated_tokens = metrics.Counter(
             "cllm_generated_tokens", description="tokens generated", tag_keys=("mode",)
         )
+        # Their rates' ratio is the mean acceptance length (tokens per forward) over any window.
+        self.committed_tokens = metrics.Counter(
+            "cllm_committed_tokens",
+            description="tokens made final by decoding passes (a request's first token, from its prefill, excluded)",
+            tag_keys=("mode",),
+        )
+        self.decode_passes = metrics.Counter(
+            "cllm_decode_passes",
+            description="decoding passes, one per request in each batched pass (prefill excluded)",
+            tag_keys=("mode",),
+        )
         self.tokens_per_forward = metrics.Histogram(
             "cllm_tokens_per_forward",
             description="tokens committed per decoding forward pass, per request",
@@ -118,6 +137,10 @@ class ServeMetrics:
         if stats.running:
             self.step_seconds.observe(stats.seconds, tags={"mode": mode})
             self.tokens_per_step.observe(stats.committed, tags={"mode": mode})
+        if stats.passes:  # Ray's counters take positive increments only
+            self.decode_passes.inc(stats.passes, tags={"mode": mode})
+            if stats.committed:
+                self.committed_tokens.inc(stats.committed, tags={"mode": mode})
 
     def record_request(self, request: Request, mode: str) -> None:
         tags = {"mode": mode}
@@ -142,6 +165,8 @@ class JacobiServer:
         self.tokenizer = loaded.tokenizer
         self.metrics = ServeMetrics()
         self.loop: asyncio.AbstractEventLoop | None = None  # this replica's event loop, once a request came
+        self.draining = False  # set by `drain`: every new request gets a 503
+        self.in_flight = 0  # requests being answered, streams until their last event
         self.engine = AsyncEngine.from_config(loaded, self.config, on_step=self.record_step)
         self.created = now()
         logger.info(
@@ -156,11 +181,34 @@ class JacobiServer:
         )
 
     def check_health(self) -> None:
-        """Serve's periodic probe; a replica whose process died is replaced without it."""
+        """Serve's periodic probe: it fails once the engine thread has died, and Serve replaces the replica
+        (a replica whose process died is replaced without it). A draining replica stays healthy: it is
+        about to stop, and a replacement would only start to be stopped."""
         if not self.engine.alive:
             raise RuntimeError("the engine thread stopped")
 
+    def unavailable(self) -> OpenAIError | None:
+        """Why this replica takes no request now (a 503 for the client), or None."""
+        if not self.engine.alive:
+            return OpenAIError("the engine of this replica has stopped; it is being replaced", status=503,
+                               code="engine_stopped")
+        if self.draining:
+            return OpenAIError("the server is shutting down", status=503, code="shutting_down")
+        return None
+
+    async def drain(self) -> int:
+        """Take no new request (each gets a 503) and wait until those in flight are answered, at most
+        `drain_timeout_s`; returns how many were left. `stop_serving` calls it on every replica before Serve
+        stops them: `serve.shutdown` stops the HTTP proxies at once, which would cut the answers in flight."""
+        self.draining = True
+        deadline = time.monotonic() + self.config.drain_timeout_s
+        while self.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        logger.info("drained: %d requests still in flight", self.in_flight)
+        return self.in_flight
+
     def __del__(self):
+        """Serve calls it when it stops the replica, after its requests in flight: the engine thread ends."""
         if getattr(self, "engine", None) is not None:
             self.engine.stop(timeout=5)
 
@@ -174,7 +222,9 @@ class JacobiServer:
     # --- routes -------------------------------------------------------------------------------------------
 
     @api.get("/healthz")
-    async def healthz(self) -> dict:
+    async def healthz(self):
+        if refusal := self.unavailable():
+            return JSONResponse(refusal.body(), status_code=refusal.status)
         config, engine = self.config, self.engine.engine
         return {"status": "ok", "model": config.served_name, "mode": config.mode, "engine": config.engine,
                 "waiting": engine.num_waiting, "running": engine.num_running, "steps": engine.steps}
@@ -194,17 +244,25 @@ class JacobiServer:
     # --- request handling ---------------------------------------------------------------------------------
 
     async def answer(self, route: str, handler, request: HTTPRequest):
-        """Run a route's handler; every refusal or failure becomes an OpenAI error body, never a traceback."""
+        """Run a route's handler; every refusal or failure becomes an OpenAI error body, never a traceback.
+        The request counts as in flight until its answer is out (a stream: until its last event)."""
         self.loop = self.loop or asyncio.get_running_loop()
+        self.in_flight += 1
+        streaming = False
         try:
+            if refusal := self.unavailable():
+                raise refusal
             response = await handler(await self.read_body(request))
-            status = 200
+            streaming, status = isinstance(response, StreamingResponse), 200
         except OpenAIError as err:
             response, status = JSONResponse(err.body(), status_code=err.status), err.status
         except Exception as err:
             logger.exception("unexpected error in %s", route)
             failure = OpenAIError(f"internal error: {type(err).__name__}", status=500)
             response, status = JSONResponse(failure.body(), status_code=500), 500
+        finally:
+            if not streaming:  # a stream leaves when its events end (`stream`)
+                self.in_flight -= 1
         self.metrics.requests.inc(tags={"route": route, "status": str(status)})
         return response
 
@@ -275,6 +333,8 @@ class JacobiServer:
             outputs = self.engine.generate(choices)
         except RequestError as err:
             raise openai_error(err) from None
+        except EngineStopped:
+            raise self.unavailable() or OpenAIError("the engine has stopped", status=503) from None
         headers = {} if reply.seed is None else {"x-cllm-seed": str(reply.seed)}
         if request.stream:
             include_usage = bool(request.stream_options and request.stream_options.include_usage)
@@ -323,6 +383,7 @@ class JacobiServer:
                         ending.append(reply.usage_only(choices))
                 yield "".join(ending) + SSE_DONE
             finally:
+                self.in_flight -= 1
                 if outputs.unfinished:  # the client left early: stop its rows
                     tokens = sum(len(choice.tokens) for choice in choices)
                     logger.info("client left a stream after %d tokens", tokens)
@@ -345,6 +406,8 @@ class JacobiServer:
             block_size=MODES[self.config.mode].block_size(self.config.block_size),
             forward_passes=passes,
             tokens_per_forward=round(decoded / passes if passes else 0.0, 4),
+            accepted_lengths=[sum(counts) for counts in itertools.zip_longest(
+                *(choice.accepted for choice in choices), fillvalue=0)],
             batch_size=max(choice.batch_size for choice in choices),  # continuous: the most requests sharing a pass
             decode_seconds=round(max(choice.decode_seconds for choice in choices), 4),
             first_token_seconds=round(min(waits), 4) if waits else None,  # the answer's first text
@@ -396,6 +459,9 @@ def deployment_options(config: ServeConfig) -> dict:
         },
         "max_ongoing_requests": config.max_ongoing_requests,
         "ray_actor_options": {"num_cpus": config.num_cpus, "num_gpus": replica_gpus(config)},
+        "health_check_period_s": config.health_check_period_s,
+        "health_check_timeout_s": config.health_check_timeout_s,
+        "graceful_shutdown_timeout_s": config.drain_timeout_s,
     }
 
 
@@ -415,8 +481,25 @@ def build_app(args: dict | ServeConfig | None = None) -> serve.Application:
     return JacobiServer.options(**deployment_options(config)).bind(config.model_dump())
 
 
+def stop_serving(config: ServeConfig) -> None:
+    """Stop the app without cutting a request, then shut Serve down. Every replica drains first (`drain`:
+    new requests get a 503, those in flight finish), then the app is deleted (Serve stops the replicas;
+    their `__del__` stops the engine thread), then Serve goes. In that order because `serve.shutdown`
+    stops the HTTP proxies at once: a response still on its way would be cut."""
+    try:
+        handle = serve.get_deployment_handle("JacobiServer", config.app_name)
+        left = handle.broadcast("drain").results(timeout_s=config.drain_timeout_s + 30, return_exceptions=True)
+        logger.info("drained %d replicas (requests still in flight: %s)", len(left), left)
+        serve.delete(config.app_name)
+    except Exception as err:  # no such app (it never started), or a replica that is gone: stop all the same
+        logger.warning("draining %r failed (%s: %s); shutting down", config.app_name, type(err).__name__, err)
+    finally:
+        serve.shutdown()
+
+
 def serve_until_stopped(config: ServeConfig) -> None:
-    """Deploy on the connected Ray cluster and block until Ctrl-C or SIGTERM; then shut Serve down."""
+    """Deploy on the connected Ray cluster and block until Ctrl-C or SIGTERM; then stop (`stop_serving`).
+    A second Ctrl-C or SIGTERM during the drain shuts down at once."""
     import signal
 
     def interrupt(*_) -> None:
@@ -435,6 +518,6 @@ def serve_until_stopped(config: ServeConfig) -> None:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        print("stopping", flush=True)
+        print(f"stopping: requests in flight get up to {config.drain_timeout_s:g}s to finish", flush=True)
     finally:
-        serve.shutdown()
+        stop_serving(config)

@@ -8,6 +8,8 @@
                  otherwise, and outlives a failing step. `generate(requests)` admits a client request's
                  choices (a refusal raises there, before any output) and returns an `OutputStream`: their
                  `TextOutput`s, delivered on the caller's event loop as the engine thread makes them.
+                 When the thread ends (stopped, or died), every request still waiting on it fails, and
+                 `generate` refuses with `EngineStopped`: no client waits on a thread that is gone.
 
 A step driven from the event loop (`await asyncio.to_thread(engine.step)`) would start only once the loop
 had run everything queued before it, and under load the loop is busy streaming every request's text: the
@@ -34,6 +36,10 @@ from cllm.serving.static import StaticEngine
 logger = logging.getLogger("ray.serve")
 
 ENGINES = {"continuous": Engine, "static": StaticEngine}  # ServeConfig.engine -> the engine it names
+
+
+class EngineStopped(RuntimeError):
+    """The engine thread has ended: nothing will decode a request handed to it."""
 
 
 class EngineLoop:
@@ -110,6 +116,7 @@ class AsyncEngine:
         self.lock = threading.Lock()  # guards `streams`
         self.wake = threading.Event()
         self.stopping = False
+        self.ended = False  # the thread is through; set under `lock`, so no stream can be added after it
         self.thread = threading.Thread(target=self.run, name=f"cllm-engine-{next(self._names)}", daemon=True)
         self.thread.start()
 
@@ -123,6 +130,8 @@ class AsyncEngine:
         return the stream of their outputs. Call from the event loop that will read the stream."""
         stream = OutputStream(requests, asyncio.get_running_loop())
         with self.lock:
+            if self.ended:
+                raise EngineStopped("the engine thread has stopped")
             for request in requests:
                 self.streams[request.request_id] = stream
         added = []
@@ -147,18 +156,36 @@ class AsyncEngine:
         self.wake.set()
 
     def run(self) -> None:
-        while not self.stopping:
-            if not self.engine.has_work():
-                self.wake.wait()
-                self.wake.clear()  # a request added from here on is seen by has_work() above
-                continue
-            try:
-                stats, texts = self.loop.step()
-                self.publish(texts)
-                if self.on_step is not None:
-                    self.on_step(stats)
-            except Exception:  # a step fails the requests concerned itself; this keeps serving the rest
-                logger.exception("engine step failed")
+        try:
+            while not self.stopping:
+                if not self.engine.has_work():
+                    self.wake.wait()
+                    self.wake.clear()  # a request added from here on is seen by has_work() above
+                    continue
+                try:
+                    stats, texts = self.loop.step()
+                    self.publish(texts)
+                    if self.on_step is not None:
+                        self.on_step(stats)
+                except Exception:  # a step fails the requests concerned itself; this keeps serving the rest
+                    logger.exception("engine step failed")
+        except BaseException:
+            logger.exception("the engine thread died")
+            raise
+        finally:
+            self.end_streams()
+
+    def end_streams(self) -> None:
+        """The thread is ending: each request still waiting for output fails and its stream gets its end."""
+        with self.lock:
+            self.ended = True
+            streams, self.streams = self.streams, {}
+        for request_id, stream in streams.items():
+            request = next(r for r in stream.requests if r.request_id == request_id)
+            if not request.finished:
+                request.fail("the engine thread stopped before the request ended")
+            with contextlib.suppress(Exception):  # its event loop may be gone too
+                stream.put(TextOutput(request, "", finished=True))
 
     def publish(self, texts: list[TextOutput]) -> None:
         """Each output to its request's stream; a stream that cannot take it ends its request alone."""
@@ -184,7 +211,7 @@ class AsyncEngine:
         return self.thread.is_alive()
 
     def stop(self, timeout: float | None = None) -> None:
-        """End the loop after the current step (requests still in the engine are left as they are)."""
+        """End the loop after the current step; requests still in the engine fail (see `end_streams`)."""
         self.stopping = True
         self.wake.set()
         self.thread.join(timeout)

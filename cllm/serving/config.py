@@ -70,6 +70,14 @@ class ServeOptions(BaseModel):
     max_request_bytes: int = Field(
         4 * 2**20, ge=1, description="a larger request body gets a 413 before it is parsed; 4 MiB holds a "
                                      "128k-token prompt")
+    drain_timeout_s: float = Field(
+        30.0, ge=0, description="stopping (SIGTERM or Ctrl-C to pipelines/serve.py, a replica Serve stops): seconds "
+                                "the requests in flight get to finish; new requests meanwhile get a 503")
+    health_check_period_s: float = Field(
+        2.0, gt=0, description="seconds between Serve's health checks of a replica; one whose engine thread died "
+                               "fails them and is replaced after three failures in a row")
+    health_check_timeout_s: float = Field(
+        30.0, gt=0, description="seconds a health check may take before it counts as a failure")
 
     @model_validator(mode="after")
     def _consistent(self):

@@ -155,16 +155,20 @@ class Engine:
         if failed:
             return
         stats.committed = sum(len(entry.row.generated) for entry in running) - committed_before
+        stats.passes = len(running)
         for entry in running:
             entry.request.batch_size = max(entry.request.batch_size, len(running))
-        self.commit(running, outputs)
+        self.commit(running, outputs, after_pass=True)
 
-    def commit(self, entries: list[Running], outputs: dict[str, EngineOutput]) -> None:
-        """What each row made final since it was last looked at becomes its request's tokens."""
+    def commit(self, entries: list[Running], outputs: dict[str, EngineOutput], after_pass: bool = False) -> None:
+        """What each row made final since it was last looked at (its prefill, or the pass just run) becomes its
+        request's tokens."""
         now = time.perf_counter()
         for entry in entries:
             request, row = entry.request, entry.row
             new = row.generated[len(request.tokens) :]
+            if after_pass:
+                request.accept(len(new))
             request.commit(new, now)
             request.forward_passes = row.forwards
             request.decode_seconds = now - entry.admitted_at

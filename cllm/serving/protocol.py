@@ -265,6 +265,9 @@ class JacobiStats(BaseModel):
     block_size: int
     forward_passes: int  # decoding passes this request took part in (prefill excluded)
     tokens_per_forward: float
+    # accepted_lengths[k]: the passes that made k tokens final (their accepted length): a histogram whose counts
+    # add up to forward_passes, and whose k x count add up to the tokens decoded after prefill's first
+    accepted_lengths: list[int] = []
     batch_size: int  # requests decoded together in the same batched call
     decode_seconds: float
     # from the replica accepting the request to its first token, measured in the replica: what a client

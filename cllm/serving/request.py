@@ -64,6 +64,7 @@ class Request:
     started_at: float | None = None  # its prefill began (admitted by the engine, or its static batch started)
     first_token_at: float | None = None
     forward_passes: int = 0  # decoding passes it took part in (prefill excluded)
+    accepted: list[int] = field(default_factory=list)  # accepted[k]: its decoding passes that made k tokens final
     batch_size: int = 0  # the most requests that shared one of its passes
     decode_seconds: float = 0.0
 
@@ -87,6 +88,12 @@ class Request:
         if tokens and self.first_token_at is None:
             self.first_token_at = at
         self.tokens.extend(tokens)
+
+    def accept(self, count: int) -> None:
+        """A decoding pass made `count` of its tokens final: the pass's accepted length, in speculative terms."""
+        if len(self.accepted) <= count:
+            self.accepted.extend([0] * (count + 1 - len(self.accepted)))
+        self.accepted[count] += 1
 
     @property
     def tokens_per_forward(self) -> float:
@@ -121,6 +128,7 @@ class StepStats:
     window: int = 0  # block size this step allowed per row
     slots: int = 0  # window tokens forwarded (the budgeted quantity)
     committed: int = 0  # tokens made final by the pass (prefill's first tokens excluded)
+    passes: int = 0  # request passes: each request's part in the batched pass (committed / passes: acceptance)
     finished: int = 0
     seconds: float = 0.0
     parts: dict[str, float] = field(default_factory=dict)  # seconds by part of the step (continuous engine)

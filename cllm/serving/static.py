@@ -170,7 +170,9 @@ class StaticEngine:
                 return  # it ended meanwhile: what its row made final after that is dropped
             if request.tokens:
                 request.forward_passes += 1  # each pass commits once per row; the first commit is prefill's
+                request.accept(len(tokens))
                 stats.committed += len(tokens)
+                stats.passes += 1
             request.commit(tokens, at)
             request.decode_seconds = at - request.started_at
             self.output(request, outputs).new_tokens.extend(tokens)
