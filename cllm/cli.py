@@ -1,10 +1,13 @@
-"""`cllm` command line: `cllm bench` compares decoding methods side by side on one or more models."""
+"""`cllm` command line: `cllm bench` compares decoding methods side by side on one or more models.
+
+Importing this module imports no torch, transformers or Ray (the modules it names import them where they
+decode), so `cllm bench --help` and a mistake on the command line answer at once.
+"""
 
 from __future__ import annotations
 
 import sys
 
-import torch
 from pydantic import Field
 
 from cllm.config import StageConfig, load_config
@@ -40,6 +43,8 @@ class BenchConfig(StageConfig, DataFields, DecodeFields, EvalOptions):
 
 def bench(config: BenchConfig) -> list:
     if config.threads:
+        import torch
+
         torch.set_num_threads(config.threads)
     task = config.load_split(config.split, config.limit, config.seed)
     metric, reason = task.metric(config.metric)

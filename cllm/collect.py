@@ -22,23 +22,14 @@ from types import SimpleNamespace
 import pyarrow as pa
 import ray
 import torch
-from pydantic import BaseModel, Field, model_validator
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from transformers import GenerationConfig
 
-from cllm.config import StageConfig, fill_unset
-from cllm.decoding import DecodeFields, special_tokens
+from cllm.collect_config import CollectConfig
+from cllm.decoding import special_tokens
 from cllm.errors import ConfigError, DataError
-from cllm.models import (
-    BUILTIN_MODEL,
-    absolute_if_local,
-    causal_lm_config,
-    context_length,
-    load_model,
-    load_tokenizer,
-    recipe_kind,
-)
-from cllm.tasks import READ_REASONS, SET_ASIDE_REASONS, DataFields
+from cllm.models import absolute_if_local, causal_lm_config, context_length, load_model, load_tokenizer
+from cllm.tasks import READ_REASONS, SET_ASIDE_REASONS
 from cllm.trajectories import (
     PROMPT_TOO_LONG,
     TRAJECTORY_SCHEMA,
@@ -54,55 +45,8 @@ from cllm.trajectory_store import exclusive, open_manifest, record_run, scan_out
 logger = logging.getLogger(__name__)
 
 
-# Collection defaults per kind of model. The built-in teacher's CLLM trained on trajectories sampled at
-# temperature 0.7 decodes with more tokens per pass, greedy decoding included (multi-block TPF 5.14 vs
-# 4.94 at 99.7% vs 99.3%, docs/results.md); real models keep the paper's greedy trajectories.
-COLLECT_RECIPES = {"builtin": {"temperature": 0.7}, "model": {"temperature": 0.0}}
 # What a manifest written before a setting existed collected with (`open_manifest`).
 SETTINGS_BEFORE_THEY_EXISTED = {"temperature": 0.0, "top_k": 0, "top_p": 1.0}
-
-
-class CollectOptions(BaseModel):
-    """How much to collect, how to clean it, how many replicas; shared with the pipeline's `collect` section."""
-
-    split: str = Field("train", description="the dataset split whose prompts are decoded")
-    limit: int | None = Field(1500, ge=1, description="the first N records of the split; None: all")
-    batch_size: int = Field(16, ge=1, description="prompts decoded together by one actor")
-    dtype: str | None = Field(
-        None, description="float32, bfloat16 or float16; None: bfloat16 on GPUs that support it, float32 elsewhere")
-    max_token_run: int = Field(
-        10, ge=0, description="drop blocks with a run of this many identical tokens; 0: keep all")
-    repeat_ngram: int = Field(
-        0, ge=0, description="drop blocks that repeat an earlier n-gram of this length; 0: off")
-    augment_prob: float = Field(
-        0.0, ge=0, le=1, description="chance to correct each later wrong token of a recorded state")
-    temperature: float | None = Field(
-        None, ge=0, description="0: greedy; > 0: sampled, seeded per prompt; None: the recipe's (sampled for the "
-                                "built-in teacher, greedy for other models)")
-    top_k: int = Field(0, ge=0, description="sample from the k likeliest tokens only; 0: no limit")
-    top_p: float = Field(
-        1.0, gt=0, le=1, description="sample from the fewest likeliest tokens holding this probability; 1: no limit")
-    actors: int = Field(2, ge=1, description="model replicas decoding in parallel")
-    cpus_per_actor: float = Field(1.0, gt=0, description="CPUs each actor reserves (and its torch threads)")
-    num_gpus_per_actor: float | None = Field(
-        None, ge=0, description="GPUs each actor reserves; None: 1 when the cluster has GPUs, else 0")
-
-
-class CollectConfig(StageConfig, DataFields, DecodeFields, CollectOptions):
-    """One collection run: the options plus which teacher, which data, and where the rows go."""
-
-    model: str = Field(
-        BUILTIN_MODEL,
-        description="the teacher: a Hugging Face directory or hub name, a GGUF file, or builtin (the project's own)")
-    seed: int = Field(0, description="seeds the built-in task's problems and the initial guesses")
-    output: str = Field(description="directory of Parquet files, one row per block; a rerun resumes it")
-    ray_address: str | None = Field(
-        None, description="the Ray cluster to use; None: RAY_ADDRESS, a running cluster, or a new local one")
-
-    @model_validator(mode="after")
-    def fill_recipe(self) -> CollectConfig:
-        fill_unset(self, COLLECT_RECIPES[recipe_kind(self.model)])
-        return self
 
 
 # The config keys that decide the rows; a resumed run must match them.

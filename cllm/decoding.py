@@ -3,18 +3,23 @@
 Collection, evaluation, serving, the benchmarks and the pipeline all decode with `cllm.jacobi`; they take
 their decoding knobs from `DecodeFields`, their EOS and pad ids from `special_tokens`, and cut each
 request to the model's context with `room_for`/`response_budget`, so no two of them can disagree.
+
+Only `left_pad` needs torch, and imports it itself: every stage config inherits `DecodeFields`, and reading a
+command line must not cost torch's import.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
 from pydantic import BaseModel, Field
 
 from cllm.guesses import GUESS_STRATEGIES
+
+if TYPE_CHECKING:
+    import torch
 
 GuessStrategy = Literal[GUESS_STRATEGIES]  # the allowed values are the strategies the code implements
 
@@ -74,6 +79,8 @@ def check_token_ids(ids: Sequence[int], vocab_size: int) -> None:
 
 def left_pad(rows: Sequence[Sequence[int]], pad_token_id: int, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded `input_ids` and `attention_mask` for prompts given as token ids (what `generate` takes)."""
+    import torch
+
     if not rows or any(len(row) == 0 for row in rows):
         raise ValueError("every prompt needs at least one token")
     width = max(len(row) for row in rows)

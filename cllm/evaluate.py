@@ -5,6 +5,9 @@ machine load hits all methods alike. Forward passes are counted by a hook on the
 same way for `transformers`' own loops and for ours. Nothing is dropped from the statistics: a prompt
 that cannot be decoded (too long for the context, no tokens) is set aside and counted by reason, and
 every number is computed over the prompts decoded, with that count in the report.
+
+torch is imported by the functions that decode: `EvalOptions` is a section of the pipeline's config and of
+`cllm bench`'s, read along with any command line, `--help` included.
 """
 
 from __future__ import annotations
@@ -18,16 +21,17 @@ from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
 from pydantic import BaseModel, Field
 
 from cllm.decoding import DecodeFields, response_budget, special_tokens
 from cllm.models import LoadedModel, context_length, format_prompt, load_model
 from cllm.modes import JACOBI, MODES
-from cllm.tasks import Metric, Task, choose_metric, describe_set_aside, score
-from cllm.trajectories import EMPTY_PROMPT, PROMPT_TOO_LONG
+from cllm.tasks import EMPTY_PROMPT, PROMPT_TOO_LONG, Metric, Task, choose_metric, describe_set_aside, score
+
+if TYPE_CHECKING:
+    import torch
 
 METHODS = ("hf_greedy", "ar", "jacobi", "jacobi_ngram", "hf_prompt_lookup", "multiblock")
 DEFAULT_METHODS = METHODS  # what a run compares unless told (the teacher: EvalOptions.teacher_methods)
@@ -129,6 +133,8 @@ def decoders(loaded: LoadedModel, *, decode: DecodeFields, lookup_tokens: int) -
     Every decoding mode of `cllm.modes` by its name, with the configured settings (multi-block: its measured
     defaults, rejection recycling off); "jacobi_ngram" is Jacobi with the n-gram pool's guesses.
     """
+    import torch
+
     model = loaded.model
     special = special_tokens(loaded.tokenizer, model.generation_config)
     common = dict(eos_token_id=list(special.eos_ids) or None, pad_token_id=special.pad_id)
@@ -292,16 +298,18 @@ def evaluate_models(
     return results
 
 
-@torch.no_grad()
 def perplexity(model, prompts: Sequence[torch.Tensor], outputs: Sequence[list[int]]) -> float | None:
     """exp of the mean negative log-likelihood the model gives each prompt's output tokens, after its prompt."""
+    import torch
+
     nll, count = 0.0, 0
     device = next(model.parameters()).device
     for ids, tokens in zip(prompts, outputs, strict=True):
         if not tokens:
             continue
         target = torch.tensor(tokens, device=device)
-        logits = model(torch.cat([ids[0].to(device), target])[None]).logits[0, ids.shape[1] - 1 : -1]
+        with torch.no_grad():
+            logits = model(torch.cat([ids[0].to(device), target])[None]).logits[0, ids.shape[1] - 1 : -1]
         nll += torch.nn.functional.cross_entropy(logits.float(), target, reduction="sum").item()
         count += len(tokens)
     return math.exp(nll / count) if count else None

@@ -3,6 +3,10 @@
 Loading never builds anything: `"builtin"` names the project's own teacher, which only the entry points
 and the pipeline's teacher stage turn into a directory (`cllm.teacher.resolve_model`); every stage then
 loads it through the same `from_pretrained` path as a hub model.
+
+torch and transformers are imported by the functions that load: the stage configs and the entry points use the
+names and path checks here (`BUILTIN_MODEL`, `check_model_path`) while reading a command line, which must not
+cost those imports, and a model path that does not exist is refused before transformers is imported.
 """
 
 from __future__ import annotations
@@ -12,12 +16,13 @@ import inspect
 import os
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+from typing import TYPE_CHECKING
 
 from cllm.errors import ModelLoadError
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel
 
 BUILTIN_MODEL = "builtin"
 CACHE_ENV = "CLLM_HOME"  # where models the project builds (the teacher, converted GGUF files) are cached
@@ -44,6 +49,8 @@ def default_cache_dir() -> Path:
 
 
 def pick_device(device: str | None = None) -> torch.device:
+    import torch
+
     if device not in (None, "auto"):
         return torch.device(device)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -51,6 +58,8 @@ def pick_device(device: str | None = None) -> torch.device:
 
 def pick_dtype(device: torch.device, dtype: str | None = None) -> torch.dtype:
     """bf16 on GPUs that support it, fp32 elsewhere (fp32 is what makes CPU decoding exact)."""
+    import torch
+
     if dtype not in (None, "auto"):
         try:
             return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -100,6 +109,9 @@ def causal_lm_config(name_or_path: str):
             "resolve it first with cllm.teacher.resolve_model (the entry points do)"
         )
     check_model_path(name_or_path)
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
     try:
         config = AutoConfig.from_pretrained(name_or_path)
     except (OSError, ValueError) as err:
@@ -132,6 +144,8 @@ def cache_keyword(model_class: type) -> str:
 
 def load_tokenizer(name_or_path: str):
     """Tokenizer with a pad token and left padding (what batched decoding needs)."""
+    from transformers import AutoTokenizer
+
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     except (OSError, ValueError) as err:
@@ -166,6 +180,8 @@ def load_model(name_or_path: str, *, device: str | None = None, dtype: str | Non
     `quantize` ("4bit", "8bit") loads the linear layers quantized by bitsandbytes (a QLoRA base); `dtype`
     is then the dtype everything else keeps and the quantized layers compute in.
     """
+    from transformers import AutoModelForCausalLM
+
     path = name_or_path
     causal_lm_config(path)
     torch_device = pick_device(device)

@@ -5,7 +5,9 @@
     multiblock  several blocks in flight per row (`cllm.multiblock.multiblock_generate`, K = 2 by default)
 
 Every decoder outside the decoding core (the serving engines, evaluation, the benchmarks, the server's
-`mode` setting) reads a mode from `MODES` instead of testing names; nothing here imports Ray.
+`mode` setting) reads a mode from `MODES` instead of testing names; nothing here imports Ray, and naming a
+mode imports no torch either: a config's choices are read from here (the server's `mode`) while parsing a
+command line, and only a mode's `generate` imports its decoder.
 """
 
 from __future__ import annotations
@@ -15,18 +17,27 @@ from dataclasses import dataclass
 from typing import Literal
 
 from cllm.decoding import DecodeFields
-from cllm.jacobi import jacobi_generate
-from cllm.multiblock import multiblock_generate
 
 
 @dataclass(frozen=True)
 class DecodingMode:
     name: str
     summary: str
-    generate: Callable  # the offline decode of a whole batch, `jacobi_generate`'s signature
     several_blocks: bool  # rows keep more than one block in flight (`cllm.multiblock.Lane`)
     one_token: bool  # a block of one token: each pass commits exactly one token (AR)
     takes_max_iters: bool  # `generate` restarts a block after `max_iters` passes
+
+    @property
+    def generate(self) -> Callable:
+        """The offline decode of a whole batch (`jacobi_generate`'s signature): multi-block's for a mode that keeps
+        several blocks in flight, Jacobi's for the others."""
+        if self.several_blocks:
+            from cllm.multiblock import multiblock_generate
+
+            return multiblock_generate
+        from cllm.jacobi import jacobi_generate
+
+        return jacobi_generate
 
     def block_size(self, configured: int) -> int:
         """The block this mode decodes with: AR is Jacobi decoding with a block of one token."""
@@ -42,12 +53,12 @@ class DecodingMode:
         return options
 
 
-JACOBI = DecodingMode("jacobi", "one Jacobi block in flight per request", jacobi_generate, several_blocks=False,
-                      one_token=False, takes_max_iters=True)
-AR = DecodingMode("ar", "one token per pass (the baseline)", jacobi_generate, several_blocks=False, one_token=True,
+JACOBI = DecodingMode("jacobi", "one Jacobi block in flight per request", several_blocks=False, one_token=False,
+                      takes_max_iters=True)
+AR = DecodingMode("ar", "one token per pass (the baseline)", several_blocks=False, one_token=True,
                   takes_max_iters=True)
-MULTIBLOCK = DecodingMode("multiblock", "two Jacobi blocks in flight per request (the fastest)", multiblock_generate,
-                          several_blocks=True, one_token=False, takes_max_iters=False)
+MULTIBLOCK = DecodingMode("multiblock", "two Jacobi blocks in flight per request (the fastest)", several_blocks=True,
+                          one_token=False, takes_max_iters=False)
 
 MODES: dict[str, DecodingMode] = {mode.name: mode for mode in (JACOBI, AR, MULTIBLOCK)}
 ModeName = Literal[tuple(MODES)]  # a config field of this type accepts exactly the modes above

@@ -18,7 +18,7 @@ from types import SimpleNamespace
 
 from pydantic import Field, model_validator
 
-from cllm.collect import CollectConfig, CollectOptions
+from cllm.collect_config import CollectConfig, CollectOptions
 from cllm.config import StageConfig
 from cllm.decoding import DecodeFields
 from cllm.errors import DataError
@@ -140,11 +140,11 @@ def run_stage(log: StageLog, stage: str, title: str, fn):
 
 def run_pipeline(config: PipelineConfig) -> dict:
     """Every stage in order; returns the evaluation report (also written under output_dir/report)."""
-    import ray
-
     collect_task, eval_task = load_data(config)
     warn_shared_prompts(collect_task, eval_task)
-    check_model_path(config.model)
+    check_model_path(config.model)  # bad data or a missing model fails before Ray (or torch) is imported
+    import ray
+
     if not ray.is_initialized():
         ray.init()  # no address: joins the cluster a job was submitted to, else starts a local one
     out = config.out

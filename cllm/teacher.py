@@ -18,6 +18,9 @@ accuracy and weights checksum in `teacher.json`), standing in for the pretrained
 downloads: a first run starts from it instead of training for 20 minutes. `python -m cllm.teacher
 --retrain` trains the recipe again and says whether the weights came out identical; `--ship` puts a
 trained teacher in the package.
+
+torch, transformers and Ray are imported by the steps that train and score, not by this module: `TeacherConfig`
+is a section of the pipeline's config, read along with any command line, `--help` included.
 """
 
 from __future__ import annotations
@@ -31,7 +34,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
 from filelock import FileLock
 from pydantic import Field
 
@@ -215,6 +217,7 @@ def add_chat_template(model_dir: Path) -> None:
 
 def init_model(config: TeacherConfig, tokenizer):
     """A randomly initialised Llama (seeded) whose generation config stops at EOS."""
+    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     model_config = LlamaConfig(
@@ -293,6 +296,8 @@ def run_ar_training(config: TeacherConfig, init_dir: Path, data: Path, work: Pat
 
 def generate_answers(model_dir: Path, prompts: list[str], batch_size: int) -> list[str]:
     """Greedy decoding of left-padded batches; returns the decoded continuations."""
+    import torch
+
     loaded = load_model(str(model_dir), device="cpu", dtype="float32")
     tokenizer, texts = loaded.tokenizer, []
     for start in range(0, len(prompts), batch_size):

@@ -30,6 +30,7 @@ from cllm.decoding import left_pad, response_budget
 from cllm.jacobi import jacobi_generate
 from cllm.models import format_prompt
 from cllm.sampling import SamplingParams
+from cllm.tasks import EMPTY_PROMPT, PROMPT_TOO_LONG
 
 TOKENS = pa.list_(pa.int32())
 TRAJECTORY_SCHEMA = pa.schema(
@@ -48,8 +49,6 @@ TRAJECTORY_SCHEMA = pa.schema(
 )
 TRAJECTORY_FIELDS = tuple(TRAJECTORY_SCHEMA.names)
 
-PROMPT_TOO_LONG = "prompt_too_long"
-EMPTY_PROMPT = "empty_prompt"
 TOKEN_RUN = "token_run"
 REPEATED_NGRAM = "repeated_ngram"
 

@@ -6,18 +6,18 @@
 
 The default model is the CLLM of the last default pipeline run (outputs/default/cllm) if there is one,
 otherwise the built-in teacher. Keys are ServeConfig's (cllm/serving/config.py). On a running cluster,
-`serve deploy configs/serve.yaml` deploys the same application.
+`serve deploy configs/serve.yaml` deploys the same application. The server's imports (Ray Serve, torch,
+transformers) wait until the command line is read and the model path is found: `--help` and a mistake
+answer at once.
 """
 
 from __future__ import annotations
 
 import checkout  # noqa: F401  (cllm importable here and in Ray workers, without installing)
-import ray
 
 from cllm.config import ArgumentParser, load_config
 from cllm.errors import run_main
-from cllm.serving.api import ready_config, serve_until_stopped
-from cllm.serving.config import ServeConfig, serve_file_values
+from cllm.serving.config import ServeConfig, checked_config, serve_file_values
 
 
 def parse(argv: list[str]) -> ServeConfig:
@@ -30,7 +30,12 @@ def parse(argv: list[str]) -> ServeConfig:
 
 
 def main(argv: list[str]) -> None:
-    config = ready_config(parse(argv))  # a bad setting or a missing model fails here, before Ray starts
+    config = checked_config(parse(argv))  # a bad setting or a missing model path fails here, before those imports
+    import ray
+
+    from cllm.serving.api import ready_config, serve_until_stopped
+
+    config = ready_config(config)  # builtin becomes its directory (trained once if needed), before Ray starts
     ray.init(address=config.ray_address, include_dashboard=False)
     try:
         serve_until_stopped(config)

@@ -6,26 +6,33 @@
 
 Keys are TrainConfig's (cllm/train/config.py); `--model builtin` (the default) is the built-in teacher.
 Rerunning with the same --storage-path and --run-name resumes from the last checkpoint; the final model
-lands in --output-dir as an ordinary HF directory.
+lands in --output-dir as an ordinary HF directory. The driver's imports (Ray, torch, transformers) wait
+until the command line is read and the inputs are found: `--help` and a mistake answer at once.
 """
 
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
 import checkout  # noqa: F401  (cllm importable here and in Ray workers, without installing)
-import ray
 
 from cllm.config import load_config
 from cllm.errors import run_main
-from cllm.teacher import resolve_model
-from cllm.train.config import TrainConfig
-from cllm.train.driver import TrainResult, check_inputs, run_training
+from cllm.train.config import TrainConfig, check_inputs
+
+if TYPE_CHECKING:
+    from cllm.train.driver import TrainResult
 
 
 def main(argv: list[str]) -> TrainResult:
     config = load_config(TrainConfig, argv)
     check_inputs(config)  # missing records or a missing model fail here, before Ray starts
+    import ray
+
+    from cllm.teacher import resolve_model
+    from cllm.train.driver import run_training
+
     ray.init(address=config.ray_address, include_dashboard=False)
     try:
         result = run_training(config, resolve_model=resolve_model)

@@ -2,7 +2,8 @@
 gets one line on stderr naming it, exit code 2, and a traceback only with --debug or CLLM_DEBUG=1.
 
 Each command here fails (or prints its help) in its first seconds: before any Ray cluster starts and before
-any model is built, so the subprocesses cost their imports only.
+any model is built, so the subprocesses cost their imports only. Those that need no model answer before torch,
+transformers or Ray is imported (`test_the_command_line_is_read_without_torch_transformers_or_ray`).
 """
 
 from __future__ import annotations
@@ -147,6 +148,53 @@ def test_cllm_without_a_command_prints_its_usage():
     assert done.returncode == 2 and done.stderr.startswith("usage: cllm ") and "bench" in done.stderr
     done = run("-m", "cllm.cli", "--help")
     assert done.returncode == 0 and "bench" in done.stdout
+
+
+# Commands answered from the command line alone, or by a cheap check of a path that does not exist.
+LIGHT_COMMANDS = [
+    ["pipelines/full.py", "--help"], ["pipelines/full.py", "--train.lr", "-1"],
+    ["pipelines/full.py", "--no-such-key", "1"], ["pipelines/full.py", "--config", "{tmp}/missing.yaml"],
+    ["pipelines/full.py", "--model", "{tmp}/no/model"], ["pipelines/full.py", "--dataset", "{tmp}/gone.jsonl"],
+    ["pipelines/collect.py", "--help"], ["pipelines/collect.py", "--actors", "0", "--output", "{tmp}/o"],
+    ["pipelines/train.py", "--help"], ["pipelines/train.py", "--data", "{tmp}/none", "--output-dir", "{tmp}/o"],
+    ["pipelines/serve.py", "--help"], ["pipelines/serve.py", "--model", "{tmp}/no/model"],
+    ["pipelines/evaluate.py", "--help"], ["pipelines/evaluate.py", "--limit", "0"],
+    ["pipelines/teacher.py", "--help"], ["pipelines/teacher.py", "--hidden-size", "1"],
+    ["cllm", "bench", "--help"], ["cllm", "bench", "--models", "{tmp}/no/model"], ["cllm", "benhc"],
+]
+# Runs each command's main in this one interpreter, as its script or console script would, and reports after
+# each which of the heavy packages are imported by then.
+LIGHT_RUNNER = """
+import contextlib, io, json, runpy, sys
+sys.path.insert(0, "pipelines")
+from cllm.cli import main as cllm_main
+report = []
+for command in json.loads(sys.argv[1]):
+    sys.argv = command
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        try:
+            cllm_main(command[1:]) if command[0] == "cllm" else runpy.run_path(command[0], run_name="__main__")
+            code = 0
+        except SystemExit as exit:
+            code = exit.code
+    loaded = {name.split(".")[0] for name in sys.modules}
+    report.append([command, code, sorted(loaded & {"torch", "transformers", "ray"})])
+print(json.dumps(report))
+"""
+
+
+def test_the_command_line_is_read_without_torch_transformers_or_ray(tmp_path):
+    """`--help`, a bad value and a missing file or model path are answered with pydantic- and YAML-level imports:
+    torch, transformers and Ray cost seconds before a word is printed (more on a busy machine), and the
+    tests above run every such command in a subprocess. The first command to import one of them is named."""
+    commands = [[arg.format(tmp=tmp_path) for arg in command] for command in LIGHT_COMMANDS]
+    done = run("-c", LIGHT_RUNNER, json.dumps(commands))
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert [command for command, _, _ in report] == commands
+    for command, code, heavy in report:
+        assert code == (0 if "--help" in command else 2), command
+        assert not heavy, f"{' '.join(command)} imported {', '.join(heavy)}"
 
 
 # ----- run_main itself, in process -----

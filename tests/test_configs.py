@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from cllm.cli import BenchConfig
-from cllm.collect import CollectConfig, CollectOptions
+from cllm.collect_config import CollectConfig, CollectOptions
 from cllm.config import load_config
 from cllm.decoding import DecodeFields
 from cllm.evaluate import DEFAULT_METHODS, METHODS, EvalOptions

@@ -24,7 +24,7 @@ SERVING = ("cllm.serving", *BELOW_THE_API, "cllm.serving.protocol")
 ALGORITHM = (
     "cllm.config", "cllm.decoding", "cllm.guesses", "cllm.kv_cache", "cllm.jacobi", "cllm.losses", "cllm.data",
     "cllm.multiblock", "cllm.modes", "cllm.models", "cllm.tokenizer", "cllm.trajectories", "cllm.trajectory_store",
-    "cllm.tasks", "cllm.tasks.arith", "cllm.sampling", "cllm.errors", "cllm.gguf", *SERVING,
+    "cllm.tasks", "cllm.tasks.arith", "cllm.sampling", "cllm.errors", "cllm.gguf", "cllm.collect_config", *SERVING,
 )
 # Stages run the algorithm, on Ray where they scale out; the pipeline and the CLI drive the stages.
 STAGES = (
@@ -111,7 +111,7 @@ def test_algorithm_imports_neither_ray_nor_a_stage_in_a_fresh_interpreter():
     code = (
         "import sys\n"
         f"for name in {ALGORITHM!r}: __import__(name)\n"
-        f"stages = [m for m in sys.modules if m.startswith({STAGES!r})]\n"
+        f"stages = [m for m in sys.modules if m in {STAGES!r} or m.startswith({tuple(s + '.' for s in STAGES)!r})]\n"
         "ray = [m for m in sys.modules if m == 'ray' or m.startswith('ray.')]\n"
         "print('stages', stages); print('ray', ray[:5])\n"
         "sys.exit(1 if stages or ray else 0)\n"

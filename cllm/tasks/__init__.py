@@ -40,13 +40,16 @@ BUILTIN_SIZES = {"train": 20000, "test": 500}  # problems in a split when no lim
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 READ_REASONS = (MISSING_PROMPT, BLANK_PROMPT, UNREADABLE_RECORD)  # set aside when the dataset is read
+# set aside once formatted and tokenized for a model (`cllm.trajectories`, `cllm.evaluate`)
+PROMPT_TOO_LONG = "prompt_too_long"
+EMPTY_PROMPT = "empty_prompt"
 # Every reason a prompt is set aside, in any stage, as the reports word it.
 SET_ASIDE_REASONS = {
     MISSING_PROMPT: "no prompt (no such field, a null, no chat turns)",
     BLANK_PROMPT: "blank prompt",
     UNREADABLE_RECORD: "unreadable (not text, or malformed chat turns)",
-    "prompt_too_long": "longer than the model's context",  # cllm.trajectories.PROMPT_TOO_LONG
-    "empty_prompt": "no tokens once formatted",  # cllm.trajectories.EMPTY_PROMPT
+    PROMPT_TOO_LONG: "longer than the model's context",
+    EMPTY_PROMPT: "no tokens once formatted",
 }
 
 

@@ -1,4 +1,8 @@
-"""What a training run needs, declared once: the pipeline's `train` section is `TrainOptions` itself."""
+"""What a training run needs, declared once: the pipeline's `train` section is `TrainOptions` itself.
+
+Nothing here imports Ray or torch: `pipelines/train.py` reads its command line and checks its inputs with this
+module alone, before the driver's imports.
+"""
 
 from __future__ import annotations
 
@@ -11,12 +15,12 @@ from pydantic import BaseModel, Field, model_validator
 
 from cllm.config import StageConfig, fill_unset
 from cllm.errors import DataError
-from cllm.models import BUILTIN_MODEL, recipe_kind
+from cllm.models import BUILTIN_MODEL, check_model_path, recipe_kind
 
 # Consistency-training defaults per kind of model. The built-in 1.8M-parameter teacher needs a large
 # lr, and at the paper's w = 10 it lost 8 points of accuracy (81% vs 89%, TPF 2.82); w = 20 over two
 # epochs of 1500 prompts gave TPF 3.06 at 90%, and a third epoch (on trajectories sampled at T 0.7,
-# `cllm.collect.COLLECT_RECIPES`) multi-block TPF 5.73 vs 5.14 at 99.3% (measured, docs/results.md).
+# `cllm.collect_config.COLLECT_RECIPES`) multi-block TPF 5.73 vs 5.14 at 99.3% (measured, docs/results.md).
 # Real models get the paper's.
 RECIPES = {"builtin": {"lr": 1.5e-3, "ar_weight": 20.0, "epochs": 3},
            "model": {"lr": 2e-5, "ar_weight": 10.0, "epochs": 2}}
@@ -139,6 +143,14 @@ class TrainConfig(StageConfig, TrainOptions):
         loaded weights is what lets a 7B base fit on a 24 GB GPU for LoRA at all.
         """
         return "bfloat16" if self.bf16 and (self.strategy == "deepspeed" or self.lora_rank > 0) else "float32"
+
+
+def check_inputs(config: TrainConfig) -> None:
+    """Refuse local records or a local model that do not exist; needs no Ray, so an entry point checks before
+    it starts a cluster."""
+    if "://" not in config.data and not Path(config.data).exists():
+        raise DataError(f"training data not found: {config.data} (--data takes a Parquet file or a directory of them)")
+    check_model_path(config.model)
 
 
 @dataclass

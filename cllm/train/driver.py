@@ -18,8 +18,8 @@ import ray.train
 
 from cllm.data import check_columns
 from cllm.errors import DataError
-from cllm.models import absolute_if_local, causal_lm_config, check_model_path
-from cllm.train.config import TrainConfig, plan_steps
+from cllm.models import absolute_if_local, causal_lm_config
+from cllm.train.config import TrainConfig, check_inputs, plan_steps
 from cllm.train.engines import MODEL_DIR
 from cllm.train.feed import ordered_feed
 from cllm.train.loop import StepCallback, train_loop
@@ -30,14 +30,6 @@ class TrainResult:
     model_dir: Path
     metrics: dict
     checkpoint_path: str | None
-
-
-def check_inputs(config: TrainConfig) -> None:
-    """Refuse local records or a local model that do not exist; needs no Ray, so an entry point checks before
-    it starts a cluster."""
-    if "://" not in config.data and not Path(config.data).exists():
-        raise DataError(f"training data not found: {config.data} (--data takes a Parquet file or a directory of them)")
-    check_model_path(config.model)
 
 
 def read_records(config: TrainConfig) -> ray.data.Dataset:
