@@ -64,7 +64,6 @@ class LoadConfig(StageConfig, DataFields, DecodeFields, ServeOptions):
     url: str | None = None  # drive this running server instead of starting one (its own mode only)
     modes: list[ModeName] = [JACOBI.name, BASELINE]
     engines: list[EngineKind] = list(get_args(EngineKind))
-    max_batch_size: int = Field(16, ge=1)  # the server's option, with a larger default for the load levels here
     concurrency: list[int] = [1, 16]
     requests_per_client: int = Field(4, ge=1)
     arrival_rates: list[float] = []  # open loop: requests per second, Poisson arrivals
