@@ -27,13 +27,13 @@ from pydantic import BaseModel, Field
 
 from cllm.decoding import DecodeFields, response_budget, special_tokens
 from cllm.models import LoadedModel, context_length, format_prompt, load_model
-from cllm.modes import JACOBI, MODES
+from cllm.modes import AR, JACOBI, MODES, MULTIBLOCK
 from cllm.tasks import EMPTY_PROMPT, PROMPT_TOO_LONG, Metric, Task, choose_metric, describe_set_aside, score
 
 if TYPE_CHECKING:
     import torch
 
-METHODS = ("hf_greedy", "ar", "jacobi", "jacobi_ngram", "hf_prompt_lookup", "multiblock")
+METHODS = ("hf_greedy", AR.name, JACOBI.name, "jacobi_ngram", "hf_prompt_lookup", MULTIBLOCK.name)  # modes by name
 DEFAULT_METHODS = METHODS  # what a run compares unless told (the teacher: EvalOptions.teacher_methods)
 BASELINE = "hf_greedy"
 Method = Literal[METHODS]
@@ -49,7 +49,7 @@ class EvalOptions(BaseModel):
         description="the decoding methods compared (repeat the option for several)")
     # The other baselines say nothing new on the teacher and cost a third of a first run's evaluation.
     teacher_methods: list[Method] = Field(
-        default_factory=lambda: ["ar", "jacobi"], min_length=1,
+        default_factory=lambda: [AR.name, JACOBI.name], min_length=1,
         description="the pipeline's methods for the teacher: its accuracy and plain Jacobi's speed before training")
     metric: Metric = Field(
         "auto", description="numeric (GSM8K's final number), exact (the trimmed text), none, or auto (from the "
@@ -235,7 +235,7 @@ def evaluate_model(
         progress.update(done)
     references = [answers[i] for i in decoded] if answers is not None else [None] * len(decoded)
     baseline_tps = results[BASELINE].tokens_per_second
-    ar_tps = results["ar"].tokens_per_second if "ar" in results else 0.0
+    ar_tps = results[AR.name].tokens_per_second if AR.name in results else 0.0
     for method, result in results.items():
         result.set_aside = set_aside
         result.speedup = result.tokens_per_second / baseline_tps if baseline_tps else None
@@ -459,7 +459,7 @@ def plot_report(results: list[MethodResult], directory: Path) -> list[Path]:
         paths.append(directory / name)
     fig, ax = plt.subplots(figsize=(8, 4))
     for r in results:
-        if r.commit_histogram and r.method.startswith(("jacobi", "multiblock")):
+        if r.commit_histogram and r.method.startswith((JACOBI.name, MULTIBLOCK.name)):
             total = sum(r.commit_histogram.values())
             ks = sorted(r.commit_histogram)
             ax.plot(ks, [r.commit_histogram[k] / total for k in ks], marker="o", label=f"{r.model} {r.method}")

@@ -80,13 +80,14 @@ class TeacherConfig(StageConfig):
         0.05, ge=0, lt=1, description="share of the steps spent warming the learning rate up")
     batch_size: int = Field(32, ge=1, description="problems per optimizer step, per worker")
     # One worker reading the one records file in order makes the run repeat exactly: with two, Ray Data
-    # split the blocks by timing, and the same recipe gave 90.0% on a quiet machine and 76.0% on a busy one.
+    # splits the blocks by timing, so the same recipe trains a different teacher on a busy machine.
     num_workers: int = Field(1, ge=1, description="Ray Train workers; 1 makes a run repeat exactly")
     threads: int = Field(
         2, ge=1, description="torch threads of each worker (fixed: the thread count can change sums)")
     max_steps: int | None = Field(None, ge=1, description="optimizer steps; None: one epoch over n_problems")
-    # The teacher's records are one file written in a fixed order, so the plain feed already repeats;
-    # the hash-ordered feed (cllm/feed.py) trained a 25.5% teacher where the plain one gave 90%.
+    # The teacher's records are one file written in a fixed order, so the plain feed already repeats; the
+    # hash-ordered feed (cllm/train/feed.py) trains a far weaker teacher on them (docs/results.md: "The
+    # teacher depends on data order").
     ordered_feed: bool = Field(False, description="feed the records in cllm.feed's hashed order instead of file order")
     eval_problems: int = Field(200, ge=1, description="held-out problems scored after training")
     eval_batch_size: int = Field(100, ge=1, description="problems decoded together when scoring")

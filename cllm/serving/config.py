@@ -42,7 +42,7 @@ class ServeOptions(BaseModel):
     batch_wait_timeout_s: float = Field(
         0.01, ge=0, description="static: seconds to wait for more requests to fill a batch")
     # Near max_batch_size the waiting requests would queue in the proxy's router instead, which retries with
-    # backoff and leaves the replica short of work (64 clients here: 788 tokens/s at 32, 2,340 at 128).
+    # backoff and leaves the replica short of work (docs/results.md, "Serving under load").
     max_ongoing_requests: int = Field(
         128, ge=1, description="requests a replica accepts; those past max_batch_size wait in its queue and join "
                                "between steps")

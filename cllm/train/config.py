@@ -17,11 +17,10 @@ from cllm.config import StageConfig, fill_unset
 from cllm.errors import DataError
 from cllm.models import BUILTIN_MODEL, check_model_path, recipe_kind
 
-# Consistency-training defaults per kind of model. The built-in 1.8M-parameter teacher needs a large
-# lr, and at the paper's w = 10 it lost 8 points of accuracy (81% vs 89%, TPF 2.82); w = 20 over two
-# epochs of 1500 prompts gave TPF 3.06 at 90%, and a third epoch (on trajectories sampled at T 0.7,
-# `cllm.collect_config.COLLECT_RECIPES`) multi-block TPF 5.73 vs 5.14 at 99.3% (measured, docs/results.md).
-# Real models get the paper's.
+# Consistency-training defaults per kind of model. The built-in 1.8M-parameter teacher needs a large lr
+# and a heavier AR loss than the paper's w = 10, which cost it accuracy, and a third epoch on sampled
+# trajectories (`cllm.collect_config.COLLECT_RECIPES`) adds tokens per pass (docs/results.md, "Consistency-
+# training recipe"). Real models get the paper's.
 RECIPES = {"builtin": {"lr": 1.5e-3, "ar_weight": 20.0, "epochs": 3},
            "model": {"lr": 2e-5, "ar_weight": 10.0, "epochs": 2}}
 Recipe = Literal["builtin", "model"]
