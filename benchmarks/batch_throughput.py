@@ -12,9 +12,9 @@ import time
 
 import torch
 
-from cllm.decoding import DecodeFields
-from cllm.models import encode_prompts, load_model
-from cllm.modes import AR, JACOBI
+from cllm.decoding.core import DecodeFields
+from cllm.decoding.modes import AR, JACOBI
+from cllm.models.loading import encode_prompts, load_model
 from cllm.tasks import load_task
 
 

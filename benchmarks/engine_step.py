@@ -27,11 +27,12 @@ import torch  # noqa: E402
 from pydantic import Field  # noqa: E402
 
 from cllm.config import StageConfig, load_config  # noqa: E402
-from cllm.decoding import left_pad  # noqa: E402
-from cllm.jacobi import prefill  # noqa: E402
-from cllm.kv_cache import check_supported  # noqa: E402
-from cllm.models import load_model  # noqa: E402
-from cllm.modes import FASTEST, ModeName  # noqa: E402
+from cllm.decoding.core import left_pad  # noqa: E402
+from cllm.decoding.jacobi import prefill  # noqa: E402
+from cllm.decoding.kv_cache import check_supported  # noqa: E402
+from cllm.decoding.modes import FASTEST, ModeName  # noqa: E402
+from cllm.models.loading import load_model  # noqa: E402
+from cllm.models.teacher import resolve_model  # noqa: E402
 from cllm.serving.bridge import EngineLoop  # noqa: E402
 from cllm.serving.config import ServeConfig  # noqa: E402
 from cllm.serving.engine import Engine  # noqa: E402
@@ -39,7 +40,6 @@ from cllm.serving.output import OutputProcessor  # noqa: E402
 from cllm.serving.request import Request  # noqa: E402
 from cllm.serving.static import StaticEngine  # noqa: E402
 from cllm.tasks import arith  # noqa: E402
-from cllm.teacher import resolve_model  # noqa: E402
 
 TEXT = "text: detokenise, stop sequences"  # the output processor's part of the engine thread's turn
 

@@ -20,11 +20,11 @@ import torch  # noqa: E402
 from pydantic import Field  # noqa: E402
 
 from cllm.config import StageConfig, load_config  # noqa: E402
-from cllm.decoding import DecodeFields, response_budget, special_tokens  # noqa: E402
-from cllm.models import context_length, load_model  # noqa: E402
-from cllm.modes import BASELINE, JACOBI, MODES, MULTIBLOCK  # noqa: E402
+from cllm.decoding.core import DecodeFields, response_budget, special_tokens  # noqa: E402
+from cllm.decoding.modes import BASELINE, JACOBI, MODES, MULTIBLOCK  # noqa: E402
+from cllm.models.loading import context_length, load_model  # noqa: E402
+from cllm.models.teacher import resolve_model  # noqa: E402
 from cllm.tasks import load_task  # noqa: E402
-from cllm.teacher import resolve_model  # noqa: E402
 
 DEFAULT_SETTINGS = ["2/0.5/1/8", "2/0.5/0/8", "2/0.25/0/8", "2/0/0/8", "3/0.25/0/8", "2/0.25/1/4", "2/0.5/1/2"]
 

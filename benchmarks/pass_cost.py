@@ -23,10 +23,10 @@ from collections.abc import Callable
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from cllm.jacobi import Row, jacobi_forward, prefill, roll_back_cache
-from cllm.kv_cache import check_supported
-from cllm.models import cache_keyword
-from cllm.multiblock import Lane, branch_forward, roll_back_slots
+from cllm.decoding.jacobi import Row, jacobi_forward, prefill, roll_back_cache
+from cllm.decoding.kv_cache import check_supported
+from cllm.decoding.multiblock import Lane, branch_forward, roll_back_slots
+from cllm.models.loading import cache_keyword
 
 
 def builtin_shape(vocab: int = 512) -> LlamaForCausalLM:
@@ -64,14 +64,14 @@ class Pass:
         return torch.randint(3, self.model.config.vocab_size, (width,)).tolist()
 
     def engine(self, width: int) -> None:
-        """The plain engine's pass (`cllm.jacobi`): the head at position `prefix`, one token committed."""
+        """The plain engine's pass (`cllm.decoding.jacobi`): the head at position `prefix`, one token committed."""
         row = Row(index=0, prompt=self.prompt[0].tolist(), budget=10**6, generated=[5], window=self.guesses(width))
         jacobi_forward(self.model, self.layout, self.cache, self.mask, [row], 0)
         roll_back_cache(self.cache, self.mask, [1])
         self.crop_back()
 
     def multiblock(self, width: int, branch: int = 0) -> None:
-        """`cllm.multiblock`'s pass: its own 4-D mask, and a recycled branch of `branch` tokens when asked."""
+        """`cllm.decoding.multiblock`'s pass: its own 4-D mask, and a recycled branch of `branch` tokens when asked."""
         lane = Lane(index=0, prompt=self.prompt[0].tolist(), budget=10**6, generated=[5], window=self.guesses(width),
                     branches=[self.guesses(branch)] if branch else [])
         branch_forward(self.model, self.layout, self.cache, self.mask, [lane], 0)
@@ -141,8 +141,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.model:
-        from cllm.models import load_model
-        from cllm.teacher import resolve_model
+        from cllm.models.loading import load_model
+        from cllm.models.teacher import resolve_model
 
         model = load_model(resolve_model(args.model), device="cpu").model
     else:

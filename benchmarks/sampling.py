@@ -20,12 +20,12 @@ import torch  # noqa: E402
 from pydantic import Field  # noqa: E402
 
 from cllm.config import StageConfig, load_config  # noqa: E402
-from cllm.decoding import DecodeFields, response_budget, special_tokens  # noqa: E402
-from cllm.models import context_length, load_model  # noqa: E402
-from cllm.modes import BASELINE, JACOBI, MODES, ModeName  # noqa: E402
-from cllm.sampling import SamplingParams  # noqa: E402
+from cllm.decoding.core import DecodeFields, response_budget, special_tokens  # noqa: E402
+from cllm.decoding.modes import BASELINE, JACOBI, MODES, ModeName  # noqa: E402
+from cllm.decoding.sampling import SamplingParams  # noqa: E402
+from cllm.models.loading import context_length, load_model  # noqa: E402
+from cllm.models.teacher import resolve_model  # noqa: E402
 from cllm.tasks import load_task  # noqa: E402
-from cllm.teacher import resolve_model  # noqa: E402
 
 
 class SamplingBenchConfig(StageConfig, DecodeFields):

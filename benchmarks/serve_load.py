@@ -46,8 +46,8 @@ import aiohttp  # noqa: E402
 from pydantic import Field, model_validator  # noqa: E402
 
 from cllm.config import StageConfig, load_config  # noqa: E402
-from cllm.decoding import DecodeFields  # noqa: E402
-from cllm.modes import BASELINE, JACOBI, MODES, ModeName  # noqa: E402
+from cllm.decoding.core import DecodeFields  # noqa: E402
+from cllm.decoding.modes import BASELINE, JACOBI, MODES, ModeName  # noqa: E402
 from cllm.serving.config import ServeOptions  # noqa: E402
 from cllm.tasks import DataFields  # noqa: E402
 
@@ -355,8 +355,8 @@ def greedy_texts(cfg: LoadConfig, answered: dict[str, str]) -> dict[str, str]:
     """What `generate(do_sample=False)` answers to each prompt, decoded alone on this process's CPU."""
     import torch
 
-    from cllm.models import format_prompt, load_model
-    from cllm.teacher import resolve_model
+    from cllm.models.loading import format_prompt, load_model
+    from cllm.models.teacher import resolve_model
 
     loaded = load_model(resolve_model(cfg.model), device="cpu", dtype="float32")
     tokenizer, expected = loaded.tokenizer, {}

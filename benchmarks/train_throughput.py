@@ -21,9 +21,9 @@ import time
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from cllm.data.trajectories import DecodeSettings, decode_batch
 from cllm.train.config import TrainConfig
 from cllm.train.loop import compute_loss, make_batch
-from cllm.trajectories import DecodeSettings, decode_batch
 
 EOS, PAD = 2, 0
 FORWARD_INPUTS = ("input_ids", "target_ids", "ar_input_ids")  # one model forward each, where present
@@ -48,9 +48,9 @@ def random_prompts(n: int, rng: random.Random) -> list[dict]:
 
 
 def task_prompts(loaded, n: int) -> list[dict]:
-    from cllm.models import format_prompt
+    from cllm.data.trajectories import answer_labels
+    from cllm.models.loading import format_prompt
     from cllm.tasks import load_task
-    from cllm.trajectories import answer_labels
 
     task = load_task("builtin:arith", split="train", limit=n)
     out = []
@@ -62,7 +62,7 @@ def task_prompts(loaded, n: int) -> list[dict]:
 
 
 def collect(model, prompts: list[dict], settings: DecodeSettings, batch_size: int = 8) -> list[dict]:
-    """Block records in prompt order, as `cllm.trajectories` writes them."""
+    """Block records in prompt order, as `cllm.data.trajectories` writes them."""
     records = []
     for batch_id, start in enumerate(range(0, len(prompts), batch_size)):
         kept, _ = decode_batch(model, {"batch_id": batch_id, "prompts": prompts[start:start + batch_size]}, settings)
@@ -122,8 +122,8 @@ def main() -> None:
         model, eos, pad = random_llama(context=512), EOS, PAD
         prompts = random_prompts(args.prompts, rng)
     else:
-        from cllm.models import load_model
-        from cllm.teacher import resolve_model
+        from cllm.models.loading import load_model
+        from cllm.models.teacher import resolve_model
 
         loaded = load_model(resolve_model(args.model), device="cpu", dtype="float32")
         model, eos, pad = loaded.model, loaded.tokenizer.eos_token_id, loaded.tokenizer.pad_token_id

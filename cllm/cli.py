@@ -11,7 +11,7 @@ import sys
 from pydantic import Field
 
 from cllm.config import StageConfig, load_config
-from cllm.decoding import DecodeFields
+from cllm.decoding.core import DecodeFields
 from cllm.errors import ConfigError, run_main
 from cllm.evaluate import (
     EvalOptions,
@@ -22,9 +22,9 @@ from cllm.evaluate import (
     reference_table,
     write_report,
 )
-from cllm.models import BUILTIN_MODEL, check_model_path
+from cllm.models.loading import BUILTIN_MODEL, check_model_path
+from cllm.models.teacher import resolve_model
 from cllm.tasks import DataFields
-from cllm.teacher import resolve_model
 
 
 class BenchConfig(StageConfig, DataFields, DecodeFields, EvalOptions):

@@ -25,9 +25,9 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, Field
 
-from cllm.decoding import DecodeFields, response_budget, special_tokens
-from cllm.models import LoadedModel, context_length, format_prompt, load_model
-from cllm.modes import AR, JACOBI, MODES, MULTIBLOCK
+from cllm.decoding.core import DecodeFields, response_budget, special_tokens
+from cllm.decoding.modes import AR, JACOBI, MODES, MULTIBLOCK
+from cllm.models.loading import LoadedModel, context_length, format_prompt, load_model
 from cllm.tasks import EMPTY_PROMPT, PROMPT_TOO_LONG, Metric, Task, choose_metric, describe_set_aside, score
 
 if TYPE_CHECKING:
@@ -130,7 +130,7 @@ def count_forwards(model):
 def decoders(loaded: LoadedModel, *, decode: DecodeFields, lookup_tokens: int) -> dict[str, Callable]:
     """Each method as `fn(input_ids, max_new_tokens) -> (new token ids, commit histogram or None)`, batch 1.
 
-    Every decoding mode of `cllm.modes` by its name, with the configured settings (multi-block: its measured
+    Every decoding mode of `cllm.decoding.modes` by its name, with the configured settings (multi-block: its measured
     defaults, rejection recycling off); "jacobi_ngram" is Jacobi with the n-gram pool's guesses.
     """
     import torch

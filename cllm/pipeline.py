@@ -18,16 +18,16 @@ from types import SimpleNamespace
 
 from pydantic import Field, model_validator
 
-from cllm.collect_config import CollectConfig, CollectOptions
 from cllm.config import StageConfig
-from cllm.decoding import DecodeFields
+from cllm.data.collect_config import CollectConfig, CollectOptions
+from cllm.decoding.core import DecodeFields
 from cllm.errors import DataError
 from cllm.evaluate import EvalOptions
-from cllm.models import BUILTIN_MODEL, check_model_path
+from cllm.models.loading import BUILTIN_MODEL, check_model_path
+from cllm.models.teacher import TeacherConfig
 from cllm.serving.config import ServeConfig, ServeOptions
 from cllm.tasks import DataFields, Task, describe_set_aside
 from cllm.tasks.splits import prompt_key
-from cllm.teacher import TeacherConfig
 from cllm.train.config import TrainConfig, TrainOptions
 
 
@@ -154,7 +154,7 @@ def run_pipeline(config: PipelineConfig) -> dict:
     started = time.perf_counter()
 
     def teacher_stage():
-        from cllm.teacher import resolve_model
+        from cllm.models.teacher import resolve_model
 
         return {"model": resolve_model(config.model, config.teacher)}  # builtin, a GGUF file or a short name
 
@@ -166,7 +166,7 @@ def run_pipeline(config: PipelineConfig) -> dict:
         serve_config(config, str(config.out / "cllm"))  # a bad serving option fails now, not after training
 
     def collect_stage():
-        from cllm.collect import run_collection
+        from cllm.data.collect import run_collection
 
         result = run_collection(collect_cfg)
         return {"output": collect_cfg.output, **summary(result), "set_aside": result.dropped_prompts,
@@ -225,7 +225,7 @@ def warn_shared_prompts(collect: Task, evaluation: Task) -> None:
 def check_eval_prompts(config: PipelineConfig, teacher: str, evaluation: Task) -> None:
     """Fail before collection, not after training, when no evaluation prompt fits the teacher's context."""
     from cllm.evaluate import prepare_prompts
-    from cllm.models import causal_lm_config, context_length, load_tokenizer
+    from cllm.models.loading import causal_lm_config, context_length, load_tokenizer
 
     context = context_length(SimpleNamespace(config=causal_lm_config(teacher)))
     decoded, _, set_aside = prepare_prompts(load_tokenizer(teacher), evaluation.prompts, chat=config.chat,

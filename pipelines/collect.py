@@ -5,7 +5,7 @@
         --block-size 16 --max-new-tokens 256 --actors 4 --batch-size 16 --num-gpus-per-actor 1
     python pipelines/collect.py --config configs/collect.yaml --actors 2
 
-Keys are CollectConfig's (cllm/collect_config.py); `--model builtin` (the default) is the built-in teacher.
+Keys are CollectConfig's (cllm/data/collect_config.py); `--model builtin` (the default) is the built-in teacher.
 Rerunning the same command after an interruption decodes only the prompts not yet written.
 The collection's imports (Ray, torch, transformers) wait until the command line is read: `--help` and a
 mistake in it answer at once.
@@ -17,20 +17,20 @@ from typing import TYPE_CHECKING
 
 import checkout  # noqa: F401  (cllm importable here and in Ray workers, without installing)
 
-from cllm.collect_config import CollectConfig
 from cllm.config import load_config
+from cllm.data.collect_config import CollectConfig
 from cllm.errors import run_main
 
 if TYPE_CHECKING:
-    from cllm.collect import CollectResult
+    from cllm.data.collect import CollectResult
 
 
 def main(argv: list[str]) -> CollectResult:
     config = load_config(CollectConfig, argv)
     import ray
 
-    from cllm.collect import plan_collection, run_collection
-    from cllm.teacher import resolve_model
+    from cllm.data.collect import plan_collection, run_collection
+    from cllm.models.teacher import resolve_model
 
     plan = plan_collection(config, resolve_model)  # bad data or model fails here, before Ray starts
     config = config.model_copy(update={"model": plan.model_path})

@@ -3,7 +3,7 @@
     python pipelines/teacher.py                          # the default recipe, cached under $CLLM_HOME
     python pipelines/teacher.py --max-steps 300 --cache-dir /tmp/teachers
 
-Keys are TeacherConfig's (cllm/teacher.py). Only the embedded default needs it: with a Hugging Face
+Keys are TeacherConfig's (cllm/models/teacher.py). Only the embedded default needs it: with a Hugging Face
 model the pipeline starts from that model instead.
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 import checkout  # noqa: F401  (cllm importable here and in Ray workers, without installing)
 
 from cllm.errors import run_main
-from cllm.teacher import main
+from cllm.models.teacher import main
 
 if __name__ == "__main__":
     run_main(main)

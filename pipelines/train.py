@@ -30,7 +30,7 @@ def main(argv: list[str]) -> TrainResult:
     check_inputs(config)  # missing records or a missing model fail here, before Ray starts
     import ray
 
-    from cllm.teacher import resolve_model
+    from cllm.models.teacher import resolve_model
     from cllm.train.driver import run_training
 
     ray.init(address=config.ray_address, include_dashboard=False)

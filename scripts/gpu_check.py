@@ -60,7 +60,7 @@ class Row:
 
 
 def prompts(tokenizer, device) -> tuple[torch.Tensor, torch.Tensor]:
-    from cllm.models import encode_prompts
+    from cllm.models.loading import encode_prompts
     from cllm.tasks import load_task
 
     texts = load_task("builtin:arith", "test", 4, 0).prompts  # different lengths: left padding
@@ -74,9 +74,9 @@ def match_rate(ours: torch.Tensor, reference: torch.Tensor) -> tuple[float, int]
 
 
 def check_decode(model_dir: Path, dtype: str, args) -> str:
-    from cllm.decoding import special_tokens
-    from cllm.jacobi import jacobi_generate
-    from cllm.models import load_model
+    from cllm.decoding.core import special_tokens
+    from cllm.decoding.jacobi import jacobi_generate
+    from cllm.models.loading import load_model
 
     loaded = load_model(str(model_dir), device=args.device, dtype=dtype)
     ids, mask = prompts(loaded.tokenizer, args.device)
@@ -98,7 +98,7 @@ def check_decode(model_dir: Path, dtype: str, args) -> str:
 
 
 def check_collect(model_dir: Path, out: Path, args) -> str:
-    from cllm.collect import CollectConfig, run_collection
+    from cllm.data.collect import CollectConfig, run_collection
 
     config = CollectConfig(model=str(model_dir), output=str(out), limit=16, batch_size=8, actors=1,
                            num_gpus_per_actor=gpus(args), cpus_per_actor=1, block_size=args.block_size,
@@ -110,7 +110,7 @@ def check_collect(model_dir: Path, out: Path, args) -> str:
 
 
 def check_zero(model_dir: Path, data: Path, out: Path, stage: int, args) -> str:
-    from cllm.models import load_model
+    from cllm.models.loading import load_model
     from cllm.train.config import TrainConfig
     from cllm.train.driver import run_training
 

@@ -291,7 +291,7 @@ def job_actors(cluster: LocalCluster, job: str, class_name: str) -> list:
 
 
 def trajectory_rows(output_dir: Path) -> list[dict]:
-    from cllm.trajectories import read_trajectories
+    from cllm.data.trajectories import read_trajectories
 
     return read_trajectories(output_dir / "trajectories")
 

@@ -227,9 +227,9 @@ def collect(model_dir: Path, out: Path, args, figures: StageFigures) -> Path:
     """The collection stage's own planning and decode code, in-process (one actor's work, no Ray Data)."""
     import pyarrow.parquet as pq
 
-    from cllm.collect import CollectConfig, plan_collection
-    from cllm.models import load_model
-    from cllm.trajectories import decode_batch, records_to_table
+    from cllm.data.collect import CollectConfig, plan_collection
+    from cllm.data.trajectories import decode_batch, records_to_table
+    from cllm.models.loading import load_model
 
     config = CollectConfig(model=str(model_dir), output=str(out), limit=args.prompts, batch_size=args.prompts,
                            block_size=args.block_size, max_new_tokens=args.max_new_tokens,
@@ -288,9 +288,9 @@ def train(model_dir: Path, data: Path, out: Path, args, figures: StageFigures) -
 
 
 def evaluate(model_dir: Path, args, figures: StageFigures) -> list[int]:
-    from cllm.decoding import DecodeFields
+    from cllm.decoding.core import DecodeFields
     from cllm.evaluate import evaluate_model
-    from cllm.models import load_model
+    from cllm.models.loading import load_model
     from cllm.tasks import load_task
 
     loaded = load_model(str(model_dir), device="cpu", dtype="float32")
@@ -305,7 +305,7 @@ def evaluate(model_dir: Path, args, figures: StageFigures) -> list[int]:
 
 
 def greedy_text(model_dir: Path, prompt: str, max_tokens: int) -> str:
-    from cllm.models import encode_prompts, load_model
+    from cllm.models.loading import encode_prompts, load_model
 
     loaded = load_model(str(model_dir), device="cpu", dtype="float32")
     ids, mask = encode_prompts(loaded.tokenizer, [prompt])
@@ -382,8 +382,8 @@ def probe_records(batch: int, prefix: int, block: int, seed: int = 0) -> list[di
 def logits_probe(args, figures: StageFigures) -> None:
     """Peak memory of `cllm_loss` forward + backward on full-vocabulary logits, fp32 and bf16, against how
     many logit positions the loss reads (the rest are computed, kept for backward, and thrown away)."""
-    from cllm.data import collate_consistency
-    from cllm.losses import cllm_loss
+    from cllm.train.batches import collate_consistency
+    from cllm.train.losses import cllm_loss
 
     records = probe_records(args.probe_batch, args.probe_prefix, args.block_size)
     batch = collate_consistency(records, rng=random.Random(0), pad_token_id=REGULAR_IDS, eos_token_ids=[])

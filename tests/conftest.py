@@ -213,9 +213,9 @@ def greedy_text(loaded, text: str, max_tokens: int) -> str:
 
 def sampled_tokens(loaded, text: str, max_tokens: int, **settings) -> list[int]:
     """The reference for a sampled answer: in-process `ar_generate` with the same settings, cut at its EOS."""
-    from cllm.decoding import special_tokens
-    from cllm.jacobi import ar_generate
-    from cllm.sampling import SamplingParams
+    from cllm.decoding.core import special_tokens
+    from cllm.decoding.jacobi import ar_generate
+    from cllm.decoding.sampling import SamplingParams
 
     ids = loaded.tokenizer(text, return_tensors="pt")["input_ids"]
     eos = list(special_tokens(loaded.tokenizer, loaded.model.generation_config).eos_ids)
@@ -361,7 +361,7 @@ def served_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def served(served_dir):
     """The same model loaded here: the reference every answer is checked against."""
-    from cllm.models import load_model
+    from cllm.models.loading import load_model
 
     return load_model(str(served_dir), device="cpu")
 

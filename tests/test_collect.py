@@ -23,20 +23,20 @@ from conftest import ray_cluster
 from filelock import FileLock
 from transformers import AutoModelForCausalLM
 
-from cllm.collect import CollectConfig, plan_collection, run_collection
 from cllm.config import load_config
-from cllm.decoding import response_budget
-from cllm.jacobi import jacobi_generate
-from cllm.models import ModelLoadError, encode_prompts, format_prompt, load_tokenizer
-from cllm.tasks import load_task
-from cllm.trajectories import (
+from cllm.data.collect import CollectConfig, plan_collection, run_collection
+from cllm.data.store import LOCK, MANIFEST, data_files
+from cllm.data.trajectories import (
     PROMPT_TOO_LONG,
     TRAJECTORY_FIELDS,
     batch_seed,
     clean_blocks,
     read_trajectories,
 )
-from cllm.trajectory_store import LOCK, MANIFEST, data_files
+from cllm.decoding.core import response_budget
+from cllm.decoding.jacobi import jacobi_generate
+from cllm.models.loading import ModelLoadError, encode_prompts, format_prompt, load_tokenizer
+from cllm.tasks import load_task
 
 REPO = Path(__file__).resolve().parents[1]
 SETTINGS = dict(dataset="builtin:arith", limit=16, batch_size=2, block_size=8, max_new_tokens=40, actors=2)

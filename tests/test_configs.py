@@ -8,11 +8,11 @@ import pytest
 import yaml
 
 from cllm.cli import BenchConfig
-from cllm.collect_config import CollectConfig, CollectOptions
 from cllm.config import load_config
-from cllm.decoding import DecodeFields
+from cllm.data.collect_config import CollectConfig, CollectOptions
+from cllm.decoding.core import DecodeFields
+from cllm.decoding.guesses import GUESS_STRATEGIES
 from cllm.evaluate import DEFAULT_METHODS, METHODS, EvalOptions
-from cllm.guesses import GUESS_STRATEGIES
 from cllm.pipeline import PipelineConfig, collect_config, serve_config, train_config
 from cllm.serving.config import ServeConfig, ServeOptions, serve_file_values
 from cllm.train.config import TrainConfig, TrainOptions

@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 import torch
 
-from cllm.data import (
+from cllm.train.batches import (
     block_chains,
     check_columns,
     collate_ar,
@@ -19,7 +19,7 @@ from cllm.data import (
     record_length,
     scheduled_state,
 )
-from cllm.losses import (
+from cllm.train.losses import (
     ANSWER_SEGMENT,
     IGNORE_INDEX,
     PAD_SEGMENT,

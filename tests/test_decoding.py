@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import GenerationConfig
 
-from cllm.decoding import DecodeFields, left_pad, response_budget, room_for, special_tokens
-from cllm.models import encode_prompts
+from cllm.decoding.core import DecodeFields, left_pad, response_budget, room_for, special_tokens
+from cllm.models.loading import encode_prompts
 
 
 def test_special_tokens_put_the_tokenizer_eos_first_then_the_generation_configs(tokenizer):

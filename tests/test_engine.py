@@ -21,8 +21,8 @@ from conftest import (
     tiny_model,
 )
 
-from cllm.models import LoadedModel
-from cllm.modes import MODES
+from cllm.decoding.modes import MODES
+from cllm.models.loading import LoadedModel
 from cllm.serving.bridge import AsyncEngine
 from cllm.serving.engine import Engine
 from cllm.serving.request import Request

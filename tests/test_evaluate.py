@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from cllm.cli import main as cli_main
-from cllm.decoding import DecodeFields
+from cllm.data.trajectories import PROMPT_TOO_LONG
+from cllm.decoding.core import DecodeFields
 from cllm.evaluate import METHODS, count_forwards, evaluate_model, write_report
-from cllm.models import LoadedModel
-from cllm.trajectories import PROMPT_TOO_LONG
+from cllm.models.loading import LoadedModel
 
 PROMPTS = ["abc abc abc", "Hello there", "1 + 2 = "]
 

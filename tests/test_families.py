@@ -19,10 +19,10 @@ from conftest import (
     tiny_family_model,
 )
 
-from cllm.jacobi import ar_generate, jacobi_generate
-from cllm.kv_cache import check_supported, visible_keys
-from cllm.models import LoadedModel
-from cllm.modes import MODES
+from cllm.decoding.jacobi import ar_generate, jacobi_generate
+from cllm.decoding.kv_cache import check_supported, visible_keys
+from cllm.decoding.modes import MODES
+from cllm.models.loading import LoadedModel
 from cllm.serving.engine import Engine
 
 

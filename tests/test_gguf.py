@@ -11,10 +11,10 @@ import torch
 from conftest import BYTE_MERGES, byte_bpe_tokens, tiny_model, write_llama_gguf
 
 from cllm import gguf as gguf_refs
-from cllm.jacobi import jacobi_generate
-from cllm.models import ModelLoadError, encode_prompts, format_prompt, load_model
-from cllm.multiblock import multiblock_generate
-from cllm.teacher import resolve_model
+from cllm.decoding.jacobi import jacobi_generate
+from cllm.decoding.multiblock import multiblock_generate
+from cllm.models.loading import ModelLoadError, encode_prompts, format_prompt, load_model
+from cllm.models.teacher import resolve_model
 
 
 @pytest.fixture

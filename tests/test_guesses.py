@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from cllm.guesses import GUESS_STRATEGIES, NgramPool, initial_guess
+from cllm.decoding.guesses import GUESS_STRATEGIES, NgramPool, initial_guess
 
 
 def test_pool_continues_after_one_and_two_token_keys():

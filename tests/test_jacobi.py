@@ -8,8 +8,8 @@ import warnings
 import pytest
 import torch
 
-from cllm.jacobi import ar_generate, jacobi_generate, stationary_count
-from cllm.models import cache_keyword
+from cllm.decoding.jacobi import ar_generate, jacobi_generate, stationary_count
+from cllm.models.loading import cache_keyword
 
 PROMPTS = ["Hello there, how are", "x", "The quick brown fox jumps over", "Jacobi!"]
 BLOCK_SIZES = [1, 2, 8, 16, 32]

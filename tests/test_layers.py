@@ -21,14 +21,20 @@ BELOW_THE_API = (
 SERVING = ("cllm.serving", *BELOW_THE_API, "cllm.serving.protocol")
 # The Ray-free algorithm: decoding, guesses, losses, batching of records, trajectories, the decoding modes,
 # model loading, datasets, configs, and the serving layers above.
+DECODING = (
+    "cllm.decoding", "cllm.decoding.core", "cllm.decoding.guesses", "cllm.decoding.kv_cache", "cllm.decoding.jacobi",
+    "cllm.decoding.multiblock", "cllm.decoding.modes", "cllm.decoding.sampling",
+)
 ALGORITHM = (
-    "cllm.config", "cllm.decoding", "cllm.guesses", "cllm.kv_cache", "cllm.jacobi", "cllm.losses", "cllm.data",
-    "cllm.multiblock", "cllm.modes", "cllm.models", "cllm.tokenizer", "cllm.trajectories", "cllm.trajectory_store",
-    "cllm.tasks", "cllm.tasks.arith", "cllm.sampling", "cllm.errors", "cllm.gguf", "cllm.collect_config", *SERVING,
+    "cllm.config", "cllm.errors", *DECODING, "cllm.train.losses", "cllm.train.batches",
+    "cllm.models", "cllm.models.loading", "cllm.models.tokenizer", "cllm.models.gguf",
+    "cllm.data", "cllm.data.trajectories", "cllm.data.store", "cllm.data.collect_config",
+    "cllm.tasks", "cllm.tasks.arith", *SERVING,
 )
 # Stages run the algorithm, on Ray where they scale out; the pipeline and the CLI drive the stages.
 STAGES = (
-    "cllm.teacher", "cllm.collect", "cllm.train", "cllm.evaluate", "cllm.serving.api", "cllm.pipeline", "cllm.cli",
+    "cllm.models.teacher", "cllm.data.collect", "cllm.train", "cllm.evaluate", "cllm.serving.api", "cllm.pipeline",
+    "cllm.cli",
 )
 
 
@@ -133,8 +139,7 @@ def test_serving_layers_below_the_api_know_nothing_of_http():
 
 def test_the_decoding_core_never_imports_the_server():
     graph = import_graph()
-    core = ("cllm.jacobi", "cllm.multiblock", "cllm.modes", "cllm.kv_cache", "cllm.decoding", "cllm.sampling",
-            "cllm.guesses", "cllm.models")
+    core = (*DECODING, "cllm.models.loading")
     wrong = {m: sorted(n for n in graph[m] if n.startswith("cllm.serving")) for m in core}
     assert not any(wrong.values()), wrong
 
@@ -155,7 +160,16 @@ def test_the_pipeline_imports_neither_ray_serve_nor_fastapi():
 
 
 def test_loading_a_model_never_builds_the_builtin_teacher():
-    from cllm.models import ModelLoadError, load_model
+    from cllm.models.loading import ModelLoadError, load_model
 
     with pytest.raises(ModelLoadError, match="resolve it first"):
         load_model("builtin")
+
+
+def test_each_layer_folder_says_what_it_may_import():
+    """A newcomer reads a layer's boundary in its folder's `__init__`."""
+    folders = sorted(PACKAGE.glob("*/__init__.py"))
+    assert len(folders) >= 6
+    for init in folders:
+        doc = ast.get_docstring(ast.parse(init.read_text())) or ""
+        assert "may import" in doc, f"{init.relative_to(ROOT)} does not say what its layer may import"

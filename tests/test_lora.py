@@ -14,8 +14,8 @@ from conftest import char_tokenizer, checkpoints, config_for, save_model_dir, ti
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from cllm.jacobi import jacobi_generate
-from cllm.models import encode_prompts, load_model
+from cllm.decoding.jacobi import jacobi_generate
+from cllm.models.loading import encode_prompts, load_model
 from cllm.train.config import TrainConfig
 from cllm.train.driver import run_training
 from cllm.train.engines import trainable

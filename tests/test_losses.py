@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_model
 
-from cllm.data import block_chains, collate_progressive, noise_target, scheduled_state
-from cllm.losses import (
+from cllm.train.batches import block_chains, collate_progressive, noise_target, scheduled_state
+from cllm.train.losses import (
     ANSWER_SEGMENT,
     IGNORE_INDEX,
     PAD_SEGMENT,

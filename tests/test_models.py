@@ -1,4 +1,4 @@
-"""Loading through cllm.models: the real from_pretrained path, on a model saved locally."""
+"""Loading through cllm.models.loading: the real from_pretrained path, on a model saved locally."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from cllm.jacobi import jacobi_generate
-from cllm.models import ModelLoadError, encode_prompts, format_prompt, load_model, pick_dtype
+from cllm.decoding.jacobi import jacobi_generate
+from cllm.models.loading import ModelLoadError, encode_prompts, format_prompt, load_model, pick_dtype
 
 
 def test_saved_model_reloads_and_decodes_the_same(tiny_model_dir, llama_model, tokenizer):
@@ -58,7 +58,7 @@ def test_empty_prompt_is_rejected(tokenizer):
 
 
 def test_a_relative_local_model_path_is_made_absolute_for_the_workers(tmp_path, monkeypatch):
-    from cllm.models import absolute_if_local
+    from cllm.models.loading import absolute_if_local
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "teacher").mkdir()

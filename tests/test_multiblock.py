@@ -6,8 +6,8 @@ import pytest
 import torch
 from conftest import FAMILIES, left_padded_prompts, tiny_family_model, tiny_model
 
-from cllm.kv_cache import check_supported
-from cllm.multiblock import Lane, branch_forward, branch_mask, multiblock_generate
+from cllm.decoding.kv_cache import check_supported
+from cllm.decoding.multiblock import Lane, branch_forward, branch_mask, multiblock_generate
 
 PROMPTS = ["Hello there, how are", "x", "The quick brown fox jumps over", "Jacobi!"]
 MAX_NEW = 37  # not a multiple of any block size below
@@ -68,7 +68,7 @@ def test_branches_see_the_head_and_their_own_prefix_only(llama_model, tokenizer)
                        [1, 1, 1, 1, 0, 0, 0, 0]]  # the window: plain causal, blind to the branches
     assert new[4:7] == [[1, 0, 0, 0, 1, 0, 0, 0], [1, 0, 0, 0, 1, 1, 0, 0], [1, 0, 0, 0, 0, 0, 1, 0]]
     # and the model agrees: a branch's predictions are those of its own sequence forwarded alone
-    from cllm.jacobi import prefill
+    from cllm.decoding.jacobi import prefill
 
     ids = torch.tensor([[5, 6, 7]])
     cache, _ = prefill(llama_model, layout, ids, torch.ones_like(ids, dtype=torch.bool))

@@ -13,17 +13,17 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from cllm.collect import CollectConfig, plan_collection
-from cllm.data import collate_consistency
-from cllm.decoding import DecodeFields, special_tokens
+from cllm.data.collect import CollectConfig, plan_collection
+from cllm.data.trajectories import decode_batch
+from cllm.decoding.core import DecodeFields, special_tokens
 from cllm.evaluate import evaluate_model
-from cllm.losses import cllm_loss
-from cllm.models import load_model
+from cllm.models.loading import load_model
 from cllm.serving.config import checked_config
 from cllm.tasks import load_task
+from cllm.train.batches import collate_consistency
 from cllm.train.config import TrainConfig
 from cllm.train.lora import prepare_model
-from cllm.trajectories import decode_batch
+from cllm.train.losses import cllm_loss
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "realsize_dry_run.py"
 

@@ -9,11 +9,10 @@ import pytest
 import torch
 from conftest import char_tokenizer, engine_config, new_request, tiny_model
 
-from cllm.jacobi import ar_generate, jacobi_generate
-from cllm.models import LoadedModel
-from cllm.modes import MODES
-from cllm.multiblock import multiblock_generate
-from cllm.sampling import (
+from cllm.decoding.jacobi import ar_generate, jacobi_generate
+from cllm.decoding.modes import MODES
+from cllm.decoding.multiblock import multiblock_generate
+from cllm.decoding.sampling import (
     GOLDEN,
     SamplingParams,
     as_int64,
@@ -24,6 +23,7 @@ from cllm.sampling import (
     mix64_tensor,
     uniform_noise,
 )
+from cllm.models.loading import LoadedModel
 from cllm.serving.engine import Engine
 
 PROMPTS = ["Hello there, how are", "x", "The quick brown fox jumps over", "Jacobi!"]
@@ -269,7 +269,7 @@ def chi2_critical(df: int) -> float:
 
 
 def expected_distribution(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
-    """The target, computed here independently of `cllm.sampling`: softmax(logits / T) restricted to the
+    """The target, computed here independently of `cllm.decoding.sampling`: softmax(logits / T) restricted to the
     top-k tokens and then to the smallest most-likely set with mass >= top_p, renormalised."""
     probs = (logits.double() / temperature).softmax(-1)
     order = probs.argsort(descending=True).tolist()

@@ -21,7 +21,7 @@ import requests
 from conftest import SERVED_CONTEXT, SERVED_NAME, greedy_text, sampled_text, sampled_tokens
 from ray import serve
 
-from cllm.models import format_prompt
+from cllm.models.loading import format_prompt
 from cllm.serving.api import build_app
 
 CONTEXT, MODEL_NAME = SERVED_CONTEXT, SERVED_NAME

@@ -29,7 +29,7 @@ import requests
 from conftest import SERVED_NAME, byte_llama_dir, free_port, greedy_text
 from ray import serve
 
-from cllm.models import load_model
+from cllm.models.loading import load_model
 from cllm.serving.api import build_app, stop_serving
 from cllm.serving.config import ServeConfig
 

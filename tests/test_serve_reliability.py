@@ -40,7 +40,7 @@ from conftest import (
 from ray import serve
 from ray._private.state import actors as actor_table
 
-from cllm.models import load_model
+from cllm.models.loading import load_model
 from cllm.serving.api import build_app
 
 CONTEXT, MODEL_NAME = SERVED_CONTEXT, SERVED_NAME
@@ -363,7 +363,7 @@ def test_a_client_that_leaves_mid_stream_frees_its_row_within_a_few_steps(server
 #
 # A real trigger: GPT-2 has learned absolute positions (n_positions = the context). A request that ends
 # at the context's last position, sharing a step with a request whose Jacobi window is wider than its own,
-# gets position ids past the context for its right-padded window slots (`cllm.jacobi.jacobi_forward`), and
+# gets position ids past the context for its right-padded window slots (`cllm.decoding.jacobi.jacobi_forward`), and
 # the position embedding refuses them: the batched forward of that step fails.
 
 

@@ -19,12 +19,12 @@ from conftest import (
     tiny_model,
 )
 
-from cllm.decoding import DecodeFields
-from cllm.jacobi import jacobi_generate
-from cllm.models import LoadedModel
-from cllm.modes import AR, JACOBI, MODES, MULTIBLOCK
-from cllm.multiblock import multiblock_generate
-from cllm.sampling import SamplingParams
+from cllm.decoding.core import DecodeFields
+from cllm.decoding.jacobi import jacobi_generate
+from cllm.decoding.modes import AR, JACOBI, MODES, MULTIBLOCK
+from cllm.decoding.multiblock import multiblock_generate
+from cllm.decoding.sampling import SamplingParams
+from cllm.models.loading import LoadedModel
 from cllm.serving.bridge import AsyncEngine, EngineStopped
 from cllm.serving.engine import Engine
 from cllm.serving.output import OutputProcessor

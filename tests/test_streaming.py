@@ -7,8 +7,8 @@ import random
 import pytest
 from conftest import byte_level_tokenizer
 
+from cllm.models.tokenizer import build_tokenizer, wrap_tokenizer
 from cllm.serving.output import REPLACEMENT, IncrementalDetokenizer, StopMatcher, TextStream
-from cllm.tokenizer import build_tokenizer, wrap_tokenizer
 
 TEXT = "héllo wörld: 中文 and 🎉 ok"
 

@@ -14,8 +14,7 @@ from filelock import FileLock
 from transformers import AutoTokenizer
 
 from cllm.config import load_config
-from cllm.tasks import arith
-from cllm.teacher import (
+from cllm.models.teacher import (
     METADATA_FILE,
     SHIPPED_DIR,
     TeacherConfig,
@@ -26,7 +25,8 @@ from cllm.teacher import (
     weights_digest,
     write_ar_records,
 )
-from cllm.tokenizer import train_tokenizer
+from cllm.models.tokenizer import train_tokenizer
+from cllm.tasks import arith
 
 
 @pytest.fixture(scope="module")
@@ -113,8 +113,8 @@ TOY = dict(
 
 @pytest.mark.slow
 def test_toy_teacher_is_trained_once_cached_and_loads_like_a_hub_model(tmp_path):
-    from cllm.jacobi import ar_generate
-    from cllm.models import encode_prompts, format_prompt, load_model
+    from cllm.decoding.jacobi import ar_generate
+    from cllm.models.loading import encode_prompts, format_prompt, load_model
 
     config = TeacherConfig(**TOY)
     path = ensure_builtin_teacher(tmp_path, config)
@@ -165,7 +165,7 @@ def test_a_teacher_cached_without_a_chat_template_gets_one(tmp_path, tiny_model_
 
     from transformers import AutoTokenizer
 
-    from cllm.teacher import add_chat_template
+    from cllm.models.teacher import add_chat_template
 
     model_dir = shutil.copytree(tiny_model_dir, tmp_path / "teacher")
     (model_dir / "chat_template.jinja").unlink()  # where transformers 5 keeps a tokenizer's template

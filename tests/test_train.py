@@ -16,11 +16,11 @@ from conftest import checkpoints, config_for, write_trajectories
 from safetensors.torch import load_file
 
 from cllm.config import load_config
-from cllm.losses import LossParts
-from cllm.models import load_model
+from cllm.models.loading import load_model
 from cllm.train.config import RECIPES, TrainConfig
 from cllm.train.driver import run_training
 from cllm.train.loop import LossMeter, split_batches
+from cllm.train.losses import LossParts
 
 
 def write_ar_records(path: Path, n: int = 16) -> Path:

@@ -9,10 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from cllm.decoding import left_pad, response_budget
-from cllm.jacobi import ar_generate, jacobi_generate
-from cllm.models import encode_prompts
-from cllm.trajectories import (
+from cllm.data.trajectories import (
     PROMPT_TOO_LONG,
     REPEATED_NGRAM,
     TOKEN_RUN,
@@ -33,6 +30,9 @@ from cllm.trajectories import (
     records_to_table,
     repeats_earlier_ngram,
 )
+from cllm.decoding.core import left_pad, response_budget
+from cllm.decoding.jacobi import ar_generate, jacobi_generate
+from cllm.models.loading import encode_prompts
 
 EOS, PAD = 2, 0
 PROMPTS = ["The cat sat on", "1 + 2 =", "Question: how many legs does a spider have?\nAnswer:", "Hi"]

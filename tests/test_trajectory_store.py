@@ -9,8 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from cllm.trajectories import BatchStats
-from cllm.trajectory_store import MANIFEST, data_files, exclusive, open_manifest, record_run, scan_output
+from cllm.data.store import MANIFEST, data_files, exclusive, open_manifest, record_run, scan_output
+from cllm.data.trajectories import BatchStats
 
 SETTINGS = {"model_path": "m", "block_size": 8}
 PLAN = {"records": 4, "prompts": 4, "batches": 2, "dropped_prompts": {}}

@@ -11,10 +11,10 @@ import ray
 from conftest import char_tokenizer, save_model_dir, tiny_model
 
 from cllm.config import load_config
+from cllm.data.trajectories import PROMPT_TOO_LONG
 from cllm.evaluate import BASELINE, EvalOptions
 from cllm.pipeline import PipelineConfig, check_eval_prompts, load_data, run_pipeline, shared_prompts
 from cllm.tasks import load_task
-from cllm.trajectories import PROMPT_TOO_LONG
 
 CONTEXT = 96  # tokens: the char tokenizer makes one per character, so a 100-character prompt cannot fit
 WORDS = ["apple", "river", "stone", "cloud", "maple", "ember", "quartz", "willow", "harbor", "meadow"]

@@ -37,8 +37,7 @@ One streamed chat request, from HTTP to its first token:
 Each hop calls the next layer down or hands data up: no layer is re-entered and no callback crosses layers
 on the way (the one callback, `AsyncEngine.on_step`, hands each step's numbers to the API's metrics).
 
-What this package may import: the decoding core (`cllm.jacobi`, `cllm.multiblock`, `cllm.modes`,
-`cllm.kv_cache`, `cllm.decoding`, `cllm.sampling`, `cllm.guesses`), `cllm.models` and `cllm.config` (and
-`api`, at build time, `cllm.teacher` to turn `builtin` into a model directory); never the reverse. Only `api`
+What this package may import: the decoding core (`cllm.decoding`), `cllm.models.loading` and `cllm.config` (and
+`api`, at build time, `cllm.models.teacher` to turn `builtin` into a model directory); never the reverse. Only `api`
 imports Ray Serve, FastAPI or anything HTTP; importing this package imports none of its modules.
 """

@@ -36,8 +36,8 @@ from ray import serve
 from ray.serve import metrics
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from cllm.models import format_prompt, load_model
-from cllm.modes import MODES
+from cllm.decoding.modes import MODES
+from cllm.models.loading import format_prompt, load_model
 from cllm.serving.bridge import AsyncEngine, EngineStopped, OutputStream
 from cllm.serving.config import ServeConfig, checked_config
 from cllm.serving.protocol import (
@@ -468,7 +468,7 @@ def deployment_options(config: ServeConfig) -> dict:
 def ready_config(args: dict | ServeConfig | None = None) -> ServeConfig:
     """The config replicas get: the served name fixed first, then `builtin` turned into its directory here
     (trained once if needed), so a replica only ever loads a ready model."""
-    from cllm.teacher import resolve_model  # an entry point's job: `serve run` enters through build_app
+    from cllm.models.teacher import resolve_model  # an entry point's job: `serve run` enters through build_app
 
     config = checked_config(args)
     named = config.model_copy(update={"model_name": config.served_name})

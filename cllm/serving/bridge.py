@@ -26,7 +26,7 @@ import logging
 import threading
 from collections.abc import Callable, Sequence
 
-from cllm.models import LoadedModel
+from cllm.models.loading import LoadedModel
 from cllm.serving.config import ServeConfig
 from cllm.serving.engine import Engine
 from cllm.serving.output import OutputProcessor, TextOutput

@@ -13,9 +13,9 @@ from typing import Literal
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from cllm.config import ConfigError, StageConfig, read_yaml
-from cllm.decoding import DecodeFields
-from cllm.models import BUILTIN_MODEL, is_missing_path
-from cllm.modes import CHOICES, FASTEST, ModeName
+from cllm.decoding.core import DecodeFields
+from cllm.decoding.modes import CHOICES, FASTEST, ModeName
+from cllm.models.loading import BUILTIN_MODEL, is_missing_path
 
 DEFAULT_CLLM_DIR = Path("outputs/default/cllm")
 

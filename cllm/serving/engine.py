@@ -24,9 +24,9 @@ import time
 
 import torch
 
-from cllm.decoding import special_tokens
-from cllm.models import LoadedModel, context_length
-from cllm.modes import MODES
+from cllm.decoding.core import special_tokens
+from cllm.decoding.modes import MODES
+from cllm.models.loading import LoadedModel, context_length
 from cllm.serving.config import ServeConfig
 from cllm.serving.request import EngineOutput, Request, RequestStatus, StepResult, StepStats
 from cllm.serving.runner import ModelRunner, Running

@@ -2,7 +2,7 @@
 
 Pure pydantic, no Ray and no model: the Serve deployment (`cllm.serving.api`) parses with `parse_request`,
 refuses what Jacobi decoding cannot honour with `reject_unsupported`, and answers with the models below.
-Sampling (temperature, top_p, the `top_k` extension, seed, n) is honoured exactly: see `cllm.sampling`.
+Sampling (temperature, top_p, the `top_k` extension, seed, n) is honoured exactly: see `cllm.decoding.sampling`.
 Every refusal at this layer is an `OpenAIError`, which carries its HTTP status and renders as
 `{"error": {"message", "type", "param", "code"}}` like OpenAI's own errors; layers below raise domain
 errors (`cllm.serving.request.RequestError`), which the API layer renders the same way.
@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError, model_serializer
 
-from cllm.modes import ModeName
+from cllm.decoding.modes import ModeName
 from cllm.serving.request import FinishReason, Request
 
 MAX_STOP_SEQUENCES = 4

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Literal
 
-from cllm.sampling import SamplingParams, fresh_seed
+from cllm.decoding.sampling import SamplingParams, fresh_seed
 
 FinishReason = Literal["stop", "length"]
 

@@ -4,11 +4,11 @@
                    rows join (right-aligned, the narrower side padded on the left with masked entries,
                    exactly like a left-padded prompt), rows leave (the last rows move into their places),
                    a pass's entries are kept or rolled back, columns no live row attends to are dropped.
-                   Its layers are `cllm.kv_cache.ReservedLayer`s, views into buffers with spare rows and
+                   Its layers are `cllm.decoding.kv_cache.ReservedLayer`s, views into buffers with spare rows and
                    columns, so a step copies only what changes.
     ModelRunner    prefills joining requests in a cache of their own (their first token comes from it)
                    and merges their rows in; runs one Jacobi iteration of every running row within the
-                   step's `Budget` (`cllm.jacobi.jacobi_forward`, or `cllm.multiblock.branch_forward` for
+                   step's `Budget` (`jacobi.jacobi_forward`, or `multiblock.branch_forward` for
                    rows with several blocks in flight), commits each row's agreeing run and rolls back
                    the rest; removes finished rows.
 
@@ -31,12 +31,20 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from cllm.decoding import left_pad
-from cllm.guesses import NgramPool
-from cllm.jacobi import Decoding, Row, advance_row, begin_row, jacobi_forward, prefill, roll_back_cache
-from cllm.kv_cache import ReservedLayer, check_supported
-from cllm.modes import DecodingMode
-from cllm.multiblock import Lane, MultiBlock, advance_lane, begin_lane, branch_forward, roll_back_slots, shrink_lane
+from cllm.decoding.core import left_pad
+from cllm.decoding.guesses import NgramPool
+from cllm.decoding.jacobi import Decoding, Row, advance_row, begin_row, jacobi_forward, prefill, roll_back_cache
+from cllm.decoding.kv_cache import ReservedLayer, check_supported
+from cllm.decoding.modes import DecodingMode
+from cllm.decoding.multiblock import (
+    Lane,
+    MultiBlock,
+    advance_lane,
+    begin_lane,
+    branch_forward,
+    roll_back_slots,
+    shrink_lane,
+)
 from cllm.serving.request import Request
 from cllm.serving.scheduler import Budget
 

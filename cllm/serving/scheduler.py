@@ -19,7 +19,7 @@ import threading
 from collections import deque
 from dataclasses import dataclass
 
-from cllm.decoding import check_token_ids, room_for
+from cllm.decoding.core import check_token_ids, room_for
 from cllm.serving.request import ContextLengthError, Request, RequestError
 
 

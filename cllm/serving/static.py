@@ -2,7 +2,7 @@
 
 Waiting requests gather for up to `batch_wait_timeout_s` after the first (or until `max_batch_size` wait);
 then the batch is split into groups that fit the context together (`fitting_groups`) and each group is
-decoded by one `generate` call of its mode (`cllm.modes`: `jacobi_generate`, `multiblock_generate`, or
+decoded by one `generate` call of its mode (`cllm.decoding.modes`: `jacobi_generate`, `multiblock_generate`, or
 Jacobi with a block of one for AR) in a worker thread, while the next requests queue. The call's
 `on_commit` only records what it made final; `step()` returns that as data, like the continuous engine
 (`cllm.serving.engine`), whose outward interface this engine shares: `add`, `abort`, `has_work`, `step`.
@@ -18,9 +18,9 @@ import threading
 import time
 from collections import deque
 
-from cllm.decoding import left_pad, room_for, special_tokens
-from cllm.models import LoadedModel, context_length
-from cllm.modes import MODES
+from cllm.decoding.core import left_pad, room_for, special_tokens
+from cllm.decoding.modes import MODES
+from cllm.models.loading import LoadedModel, context_length
 from cllm.serving.config import ServeConfig
 from cllm.serving.request import EngineOutput, Request, RequestStatus, StepResult, StepStats
 from cllm.serving.scheduler import Limits, admit

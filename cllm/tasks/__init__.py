@@ -9,6 +9,10 @@
 Rows are prompt/answer columns or chat conversations (`cllm.tasks.records`). A row that cannot be a
 prompt is set aside and counted by reason (`Task.set_aside`), never silently dropped. How answers are
 scored is chosen per dataset (`cllm.tasks.scoring`).
+
+What this layer may import: the standard library, pydantic, PyArrow (Parquet files), `datasets` for hub
+names, `cllm.errors`; no torch and no model, so every stage and the command line read prompts without
+loading one.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ BUILTIN_SIZES = {"train": 20000, "test": 500}  # problems in a split when no lim
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 READ_REASONS = (MISSING_PROMPT, BLANK_PROMPT, UNREADABLE_RECORD)  # set aside when the dataset is read
-# set aside once formatted and tokenized for a model (`cllm.trajectories`, `cllm.evaluate`)
+# set aside once formatted and tokenized for a model (`cllm.data.trajectories`, `cllm.evaluate`)
 PROMPT_TOO_LONG = "prompt_too_long"
 EMPTY_PROMPT = "empty_prompt"
 # Every reason a prompt is set aside, in any stage, as the reports word it.

@@ -15,11 +15,11 @@ from pydantic import BaseModel, Field, model_validator
 
 from cllm.config import StageConfig, fill_unset
 from cllm.errors import DataError
-from cllm.models import BUILTIN_MODEL, check_model_path, recipe_kind
+from cllm.models.loading import BUILTIN_MODEL, check_model_path, recipe_kind
 
 # Consistency-training defaults per kind of model. The built-in 1.8M-parameter teacher needs a large lr
 # and a heavier AR loss than the paper's w = 10, which cost it accuracy, and a third epoch on sampled
-# trajectories (`cllm.collect_config.COLLECT_RECIPES`) adds tokens per pass (docs/results.md, "Consistency-
+# trajectories (`cllm.data.collect_config.COLLECT_RECIPES`) adds tokens per pass (docs/results.md, "Consistency-
 # training recipe"). Real models get the paper's.
 RECIPES = {"builtin": {"lr": 1.5e-3, "ar_weight": 20.0, "epochs": 3},
            "model": {"lr": 2e-5, "ar_weight": 10.0, "epochs": 2}}

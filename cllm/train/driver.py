@@ -16,9 +16,9 @@ from typing import TypeVar
 import ray
 import ray.train
 
-from cllm.data import check_columns
 from cllm.errors import DataError
-from cllm.models import absolute_if_local, causal_lm_config
+from cllm.models.loading import absolute_if_local, causal_lm_config
+from cllm.train.batches import check_columns
 from cllm.train.config import TrainConfig, check_inputs, plan_steps
 from cllm.train.engines import MODEL_DIR
 from cllm.train.feed import ordered_feed
@@ -97,7 +97,7 @@ def run_training(
     resolve_model: Callable[[str], str] = str,
     step_callback: StepCallback | None = None,
 ) -> TrainResult:
-    """Train, then save the final model to `config.output_dir` (loadable by `cllm.models.load_model`).
+    """Train, then save the final model to `config.output_dir` (loadable by `cllm.models.loading.load_model`).
 
     `resolve_model` turns the model reference into a directory once the records have been read (an entry
     point passes the one that builds the built-in teacher). `step_callback(step, rank)` runs in every worker

@@ -15,13 +15,13 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from cllm.data import collate_ar, collate_consistency, collate_progressive, record_length
-from cllm.decoding import special_tokens
-from cllm.losses import LossParts, ar_objective, cllm_loss
-from cllm.models import context_length, load_model
+from cllm.decoding.core import special_tokens
+from cllm.models.loading import context_length, load_model
+from cllm.train.batches import collate_ar, collate_consistency, collate_progressive, record_length
 from cllm.train.config import StepPlan, TrainConfig
 from cllm.train.engines import make_engine
 from cllm.train.lora import MODEL_DIR, prepare_model
+from cllm.train.losses import LossParts, ar_objective, cllm_loss
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from cllm.errors import DataError
-from cllm.losses import (
+from cllm.train.losses import (
     ANSWER_SEGMENT,
     IGNORE_INDEX,
     PAD_SEGMENT,
@@ -173,7 +173,7 @@ def collate_consistency(
     mask_prompt: bool = True,
     max_len: int | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Batch of trajectory records for `cllm.losses.cllm_loss`.
+    """Batch of trajectory records for `cllm.train.losses.cllm_loss`.
 
     Keys: input_ids (prefix + state), target_ids (prefix + y* or next state), attention_mask,
     loss_mask (from `consistency_loss_mask`), ar_labels; plus ar_input_ids / ar_attention_mask unless
@@ -228,7 +228,7 @@ def collate_consistency(
 #
 # One row of the batch is `context | noisy_0 | clean_0 | noisy_1 | clean_1 | ... | answer?`: the context is
 # the first block's prefix, noisy_k a scheduled state of block k and clean_k its fixed point, both at the
-# positions block k has in the response. `cllm.losses.packed_attention_mask` turns the segment and position
+# positions block k has in the response. `cllm.train.losses.packed_attention_mask` turns the segment and position
 # of every token into the block-structured mask, so one forward gives the student logits (noisy blocks)
 # and the targets (clean blocks) of every block at once.
 #
@@ -308,7 +308,7 @@ def scheduled_state(record: dict, target: float) -> list[int]:
 def kept_block_tokens(state: Sequence[int], fixed_point: Sequence[int], eos_token_ids: Sequence[int]) -> range:
     """Block tokens whose predictions carry consistency loss: first wrong token .. first EOS of y*.
 
-    The same rule as `cllm.losses.consistency_loss_mask`, indexed by the predicted token.
+    The same rule as `cllm.train.losses.consistency_loss_mask`, indexed by the predicted token.
     """
     wrong = [i for i, (a, b) in enumerate(zip(state, fixed_point, strict=True)) if a != b]
     if not wrong:
@@ -400,7 +400,7 @@ def collate_progressive(
     mask_prompt: bool = True,
     max_len: int | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Batch of trajectory records for `cllm.losses.progressive_loss`: one packed row per run of blocks.
+    """Batch of trajectory records for `cllm.train.losses.progressive_loss`: one packed row per run of blocks.
 
     Keys: input_ids, position_ids, segment_ids (PAD_SEGMENT on padding), attention_mask (real tokens),
     predictor (index of the logit that predicts each token), partner (a noisy token's clean partner),

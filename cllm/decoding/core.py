@@ -1,6 +1,6 @@
 """What every decoder around the engine shares: its settings, its special tokens, its context arithmetic.
 
-Collection, evaluation, serving, the benchmarks and the pipeline all decode with `cllm.jacobi`; they take
+Collection, evaluation, serving, the benchmarks and the pipeline all decode with `cllm.decoding.jacobi`; they take
 their decoding knobs from `DecodeFields`, their EOS and pad ids from `special_tokens`, and cut each
 request to the model's context with `room_for`/`response_budget`, so no two of them can disagree.
 
@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, Field
 
-from cllm.guesses import GUESS_STRATEGIES
+from cllm.decoding.guesses import GUESS_STRATEGIES
 
 if TYPE_CHECKING:
     import torch

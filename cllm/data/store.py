@@ -23,8 +23,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from filelock import FileLock, Timeout
 
+from cllm.data.trajectories import BatchStats
 from cllm.errors import ConfigError
-from cllm.trajectories import BatchStats
 
 logger = logging.getLogger(__name__)
 

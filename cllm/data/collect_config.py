@@ -1,4 +1,4 @@
-"""The settings of a collection run (`cllm.collect`), apart from the Ray Data job that uses them.
+"""The settings of a collection run (`cllm.data.collect`), apart from the Ray Data job that uses them.
 
 `pipelines/collect.py` and the pipeline read them with a command line, `--help` and mistakes included,
 which must not cost the job's imports (Ray, torch, transformers): this module imports none of them.
@@ -9,8 +9,8 @@ from __future__ import annotations
 from pydantic import BaseModel, Field, model_validator
 
 from cllm.config import StageConfig, fill_unset
-from cllm.decoding import DecodeFields
-from cllm.models import BUILTIN_MODEL, recipe_kind
+from cllm.decoding.core import DecodeFields
+from cllm.models.loading import BUILTIN_MODEL, recipe_kind
 from cllm.tasks import DataFields
 
 # Collection defaults per kind of model. The built-in teacher's CLLM trained on trajectories sampled at

@@ -4,7 +4,7 @@ A block of n tokens is the unknown of n equations y_i = argmax p(. | x, y_<i). O
 block's live window refines every position at once; the leading run that already agrees with its own
 predictions is final (committed into the KV cache), the rest is re-guessed by those predictions. The fixed
 point is the greedy autoregressive output, so the result equals `generate(do_sample=False)` token for token.
-With sampling settings the argmax becomes `cllm.sampling.choose_tokens`, whose noise is fixed per output
+With sampling settings the argmax becomes `cllm.decoding.sampling.choose_tokens`, whose noise is fixed per output
 position by the seed: the fixed point is then the sequence AR decoding samples with that seed.
 
 The steps, in the order they run:
@@ -19,7 +19,7 @@ The steps, in the order they run:
 Batching: rows commit different numbers of tokens per pass. The cache stays one rectangle; a row that
 commits fewer tokens than the batch's maximum leaves masked holes, and explicit per-row position ids keep
 its positions contiguous, so no row ever sees another row's tokens or its own discarded guesses.
-Sliding-window models get masks built from those positions (see `cllm.kv_cache`); models whose cache cannot
+Sliding-window models get masks built from those positions (see `cllm.decoding.kv_cache`); models whose cache cannot
 be rolled back or masked that way are refused up front by `check_supported`.
 """
 
@@ -33,10 +33,10 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from cllm.guesses import GUESS_STRATEGIES, NgramPool, initial_guess
-from cllm.kv_cache import AttentionLayout, check_supported, forward_mask, new_cache
-from cllm.models import cache_keyword, context_length
-from cllm.sampling import SamplingParams, choose_tokens
+from cllm.decoding.guesses import GUESS_STRATEGIES, NgramPool, initial_guess
+from cllm.decoding.kv_cache import AttentionLayout, check_supported, forward_mask, new_cache
+from cllm.decoding.sampling import SamplingParams, choose_tokens
+from cllm.models.loading import cache_keyword, context_length
 
 
 @dataclass
@@ -129,7 +129,7 @@ def jacobi_forward(
     """One Jacobi iteration for every row: forward the live windows, return the prediction at each slot.
 
     The prediction is the argmax, or the row's sampled choice with the noise of the slot's output position
-    (`cllm.sampling`), so the fixed point is the sequence AR decoding samples with the same seed.
+    (`cllm.decoding.sampling`), so the fixed point is the sequence AR decoding samples with the same seed.
     Windows are right-padded to the widest; a pad slot sits after the real tokens, so under causal
     attention it changes nothing before it, and its KV is dropped by `roll_back_cache`.
     """

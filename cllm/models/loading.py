@@ -1,7 +1,7 @@
 """Load a Hugging Face causal LM and its tokenizer, on the right device and dtype.
 
 Loading never builds anything: `"builtin"` names the project's own teacher, which only the entry points
-and the pipeline's teacher stage turn into a directory (`cllm.teacher.resolve_model`); every stage then
+and the pipeline's teacher stage turn into a directory (`cllm.models.teacher.resolve_model`); every stage then
 loads it through the same `from_pretrained` path as a hub model.
 
 torch and transformers are imported by the functions that load: the stage configs and the entry points use the
@@ -106,7 +106,7 @@ def causal_lm_config(name_or_path: str):
     if name_or_path == BUILTIN_MODEL:
         raise ModelLoadError(
             f"{BUILTIN_MODEL!r} names the project's built-in teacher, which is not built yet at this point: "
-            "resolve it first with cllm.teacher.resolve_model (the entry points do)"
+            "resolve it first with cllm.models.teacher.resolve_model (the entry points do)"
         )
     check_model_path(name_or_path)
     from transformers import AutoConfig

@@ -1,12 +1,12 @@
 """Trajectory collection as a Ray Data job (spec §2).
 
-    driver   load_task -> tokenize -> plan fixed decode batches        (`cllm.trajectories`, no Ray)
+    driver   load_task -> tokenize -> plan fixed decode batches        (`cllm.data.trajectories`, no Ray)
     Ray Data from_items(one row per planned batch)
              -> map_batches(TrajectoryDecoder, ActorPoolStrategy)       one model replica per actor
              -> write_parquet(output)                                   one row per block
 
 Resumable: batches are fixed by the plan (not by the run), so a rerun decodes only the batches the
-output does not hold yet (`cllm.trajectory_store`) and reproduces the rows of an uninterrupted run.
+output does not hold yet (`cllm.data.store`) and reproduces the rows of an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -25,12 +25,9 @@ import torch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from transformers import GenerationConfig
 
-from cllm.collect_config import CollectConfig
-from cllm.decoding import special_tokens
-from cllm.errors import ConfigError, DataError
-from cllm.models import absolute_if_local, causal_lm_config, context_length, load_model, load_tokenizer
-from cllm.tasks import READ_REASONS, SET_ASIDE_REASONS
-from cllm.trajectories import (
+from cllm.data.collect_config import CollectConfig
+from cllm.data.store import exclusive, open_manifest, record_run, scan_output
+from cllm.data.trajectories import (
     PROMPT_TOO_LONG,
     TRAJECTORY_SCHEMA,
     BatchStats,
@@ -40,7 +37,10 @@ from cllm.trajectories import (
     plan_prompts,
     records_to_table,
 )
-from cllm.trajectory_store import exclusive, open_manifest, record_run, scan_output
+from cllm.decoding.core import special_tokens
+from cllm.errors import ConfigError, DataError
+from cllm.models.loading import absolute_if_local, causal_lm_config, context_length, load_model, load_tokenizer
+from cllm.tasks import READ_REASONS, SET_ASIDE_REASONS
 
 logger = logging.getLogger(__name__)
 

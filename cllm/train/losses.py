@@ -23,11 +23,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from cllm.models import forward_takes
+from cllm.models.loading import forward_takes
 
 IGNORE_INDEX = -100  # label value that `ar_loss` skips (prompt and padding)
 
-# Segments of a packed progressive row (`cllm.data.collate_progressive`), one id per token.
+# Segments of a packed progressive row (`cllm.train.batches.collate_progressive`), one id per token.
 PAD_SEGMENT = -1
 PROMPT_SEGMENT = 0
 ANSWER_SEGMENT = 1  # the ground-truth answer: sees the prompt only
@@ -209,8 +209,8 @@ def cllm_loss(
     ar_weight: float = 10.0,
     label_smoothing: float = 0.0,
 ) -> LossParts:
-    """L = L_consistency + w * L_AR on a batch from `cllm.data.collate_consistency` (progressive:
-    from `cllm.data.collate_progressive`).
+    """L = L_consistency + w * L_AR on a batch from `cllm.train.batches.collate_consistency` (progressive:
+    from `cllm.train.batches.collate_progressive`).
 
     Without `ar_input_ids` in the batch the AR example is [prefix, y*] itself (global consistency on
     the teacher's output), so one forward gives both the AR logits and the detached GC targets.
@@ -320,7 +320,7 @@ def progressive_loss(
 
 
 def ar_objective(model, batch: dict[str, torch.Tensor], *, label_smoothing: float = 0.0) -> LossParts:
-    """Plain next-token training (the teacher's own pretraining) on a batch from `cllm.data.collate_ar`."""
+    """Plain next-token training (the teacher's own pretraining) on a batch from `cllm.train.batches.collate_ar`."""
     keep, targets = predicted_labels(batch["labels"])
     rows = forward_logits(model, batch["input_ids"], batch["attention_mask"], keep).at(keep)
     l_ar = cross_entropy_rows(rows, targets, label_smoothing)

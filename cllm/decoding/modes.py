@@ -1,8 +1,8 @@
 """The decoding modes, named once: what each is, and which offline generate function decodes it.
 
-    jacobi      one Jacobi block in flight per row (`cllm.jacobi.jacobi_generate`)
+    jacobi      one Jacobi block in flight per row (`cllm.decoding.jacobi.jacobi_generate`)
     ar          Jacobi decoding with a block of one token: one token per pass, the exact AR baseline
-    multiblock  several blocks in flight per row (`cllm.multiblock.multiblock_generate`, K = 2 by default)
+    multiblock  several blocks in flight per row (`cllm.decoding.multiblock.multiblock_generate`, K = 2 by default)
 
 Every decoder outside the decoding core (the serving engines, evaluation, the benchmarks, the server's
 `mode` setting) reads a mode from `MODES` instead of testing names; nothing here imports Ray, and naming a
@@ -16,14 +16,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
-from cllm.decoding import DecodeFields
+from cllm.decoding.core import DecodeFields
 
 
 @dataclass(frozen=True)
 class DecodingMode:
     name: str
     summary: str
-    several_blocks: bool  # rows keep more than one block in flight (`cllm.multiblock.Lane`)
+    several_blocks: bool  # rows keep more than one block in flight (`cllm.decoding.multiblock.Lane`)
     one_token: bool  # a block of one token: each pass commits exactly one token (AR)
     takes_max_iters: bool  # `generate` restarts a block after `max_iters` passes
 
@@ -32,10 +32,10 @@ class DecodingMode:
         """The offline decode of a whole batch (`jacobi_generate`'s signature): multi-block's for a mode that keeps
         several blocks in flight, Jacobi's for the others."""
         if self.several_blocks:
-            from cllm.multiblock import multiblock_generate
+            from cllm.decoding.multiblock import multiblock_generate
 
             return multiblock_generate
-        from cllm.jacobi import jacobi_generate
+        from cllm.decoding.jacobi import jacobi_generate
 
         return jacobi_generate
 

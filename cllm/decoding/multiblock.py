@@ -20,7 +20,7 @@ that follows the head: the branch's tokens see the cached prefix, the head and t
 (a 4-D mask, position ids restarting after the head). A branch is only a guess; what commits is its
 agreeing run against the model's own predictions, so the output stays exact. A branch that agrees
 further than the window commits instead; its KV entries are kept and the window's are masked as holes,
-like the holes batching already leaves (see `cllm.jacobi`).
+like the holes batching already leaves (see `cllm.decoding.jacobi`).
 
 Cost: on a CPU a pass costs more the wider it is (on the built-in model's shape, batch 1, one thread, each
 window token adds about 0.04 AR steps, all of it matrix-multiply arithmetic: benchmarks/pass_cost.py), so
@@ -29,7 +29,7 @@ Measured on the built-in CLLMs (docs/results.md): a second block opened once a q
 settled pays; recycled branches raise tokens per pass by ~0.15 but cost more than that on a CPU, so the
 defaults are K = 2, spawn_after 0.25, no recycling (`recycle` > 0 turns it on, for hardware where a wider
 pass is nearly free).
-With sampling settings every slot takes `cllm.sampling.choose_tokens` with the noise of the output position
+With sampling settings every slot takes `cllm.decoding.sampling.choose_tokens` with the noise of the output position
 it predicts (head + depth, in a branch too), so the output equals AR sampling with the same seed.
 
 The steps, in the order they run (prefill, accept and retire_rows are the plain mode's):
@@ -52,8 +52,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from cllm.guesses import NgramPool, initial_guess
-from cllm.jacobi import (
+from cllm.decoding.guesses import NgramPool, initial_guess
+from cllm.decoding.jacobi import (
     DecodeBatch,
     Decoding,
     JacobiOutput,
@@ -64,9 +64,9 @@ from cllm.jacobi import (
     jacobi_forward,
     validate_arguments,
 )
-from cllm.kv_cache import AttentionLayout, as_attention_mask, check_supported
-from cllm.models import cache_keyword
-from cllm.sampling import SamplingParams, choose_tokens
+from cllm.decoding.kv_cache import AttentionLayout, as_attention_mask, check_supported
+from cllm.decoding.sampling import SamplingParams, choose_tokens
+from cllm.models.loading import cache_keyword
 
 
 @dataclass
