@@ -26,14 +26,19 @@ DECODING = (
     "cllm.decoding.multiblock", "cllm.decoding.modes", "cllm.decoding.sampling",
 )
 ALGORITHM = (
-    "cllm.config", "cllm.errors", *DECODING, "cllm.train.losses", "cllm.train.batches",
+    "cllm.config", "cllm.errors", *DECODING, "cllm.train", "cllm.train.losses", "cllm.train.batches",
     "cllm.models", "cllm.models.loading", "cllm.models.tokenizer", "cllm.models.gguf",
     "cllm.data", "cllm.data.trajectories", "cllm.data.store", "cllm.data.collect_config",
     "cllm.tasks", "cllm.tasks.arith", *SERVING,
 )
+# The training layer's Ray Train stage; its objectives and batches (`losses`, `batches`) are algorithm.
+TRAINING_STAGE = (
+    "cllm.train.config", "cllm.train.driver", "cllm.train.loop", "cllm.train.engines", "cllm.train.lora",
+    "cllm.train.feed",
+)
 # Stages run the algorithm, on Ray where they scale out; the pipeline and the CLI drive the stages.
 STAGES = (
-    "cllm.models.teacher", "cllm.data.collect", "cllm.train", "cllm.evaluate", "cllm.serving.api", "cllm.pipeline",
+    "cllm.models.teacher", "cllm.data.collect", *TRAINING_STAGE, "cllm.evaluate", "cllm.serving.api", "cllm.pipeline",
     "cllm.cli",
 )
 
