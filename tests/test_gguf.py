@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import BYTE_MERGES, byte_bpe_tokens, tiny_model, write_llama_gguf
 
-from cllm import gguf as gguf_refs
+from cllm.models import gguf as gguf_refs
 from cllm.decoding.jacobi import jacobi_generate
 from cllm.decoding.multiblock import multiblock_generate
 from cllm.models.loading import ModelLoadError, encode_prompts, format_prompt, load_model
