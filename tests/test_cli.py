@@ -156,6 +156,8 @@ LIGHT_COMMANDS = [
     ["pipelines/full.py", "--no-such-key", "1"], ["pipelines/full.py", "--config", "{tmp}/missing.yaml"],
     ["pipelines/full.py", "--model", "{tmp}/no/model"], ["pipelines/full.py", "--dataset", "{tmp}/gone.jsonl"],
     ["pipelines/collect.py", "--help"], ["pipelines/collect.py", "--actors", "0", "--output", "{tmp}/o"],
+    ["pipelines/collect.py", "--model", "{tmp}/no/model", "--output", "{tmp}/o"],
+    ["pipelines/collect.py", "--dataset", "{tmp}/gone.jsonl", "--output", "{tmp}/o"],
     ["pipelines/train.py", "--help"], ["pipelines/train.py", "--data", "{tmp}/none", "--output-dir", "{tmp}/o"],
     ["pipelines/serve.py", "--help"], ["pipelines/serve.py", "--model", "{tmp}/no/model"],
     ["pipelines/evaluate.py", "--help"], ["pipelines/evaluate.py", "--limit", "0"],

@@ -40,7 +40,7 @@ from cllm.data.trajectories import (
 from cllm.decoding.core import special_tokens
 from cllm.errors import ConfigError, DataError
 from cllm.models.loading import absolute_if_local, causal_lm_config, context_length, load_model, load_tokenizer
-from cllm.tasks import READ_REASONS, SET_ASIDE_REASONS
+from cllm.tasks import READ_REASONS, SET_ASIDE_REASONS, Task
 
 logger = logging.getLogger(__name__)
 
@@ -108,13 +108,17 @@ class CollectResult:
 # ----- driver: plan -----
 
 
-def plan_collection(config: CollectConfig, resolve_model: Callable[[str], str] = str) -> CollectionPlan:
+def plan_collection(config: CollectConfig, resolve_model: Callable[[str], str] = str,
+                    task: Task | None = None) -> CollectionPlan:
     """Load the dataset, then the tokenizer, tokenize, and fix the decode batches (no Ray needed).
 
     `resolve_model` turns the model reference into a directory (an entry point passes the one that
     builds the built-in teacher); it runs after the dataset loaded, so bad data fails before any model work.
+    `task` is the split when the caller has read it already (`pipelines/collect.py` reads it before this
+    module's imports).
     """
-    task = config.load_split(config.split, config.limit, config.seed)
+    if task is None:
+        task = config.load_split(config.split, config.limit, config.seed)
     model_path = absolute_if_local(resolve_model(config.model))
     context = context_length(SimpleNamespace(config=causal_lm_config(model_path)))
     tokenizer = load_tokenizer(model_path)
