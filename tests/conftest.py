@@ -348,6 +348,20 @@ def checkpoints(config: TrainConfig) -> list[Path]:
 
 # --- the served model and its cluster: the HTTP tests' shared fixtures ------------------------------------
 
+# The Ray actor name of a Serve replica of the app `{app}` (the HTTP tests kill and count replicas by it).
+REPLICA_PREFIX = "SERVE_REPLICA::{app}#JacobiServer#"
+
+
+def wait_for(condition, timeout: float, every: float = 0.5) -> float | None:
+    """Seconds until `condition()` held, or None after `timeout`."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if condition():
+            return time.monotonic() - start
+        time.sleep(every)
+    return None
+
+
 SERVED_CONTEXT = 160  # the served tiny model's context: requests near it probe the server's context checks
 SERVED_NAME = "tiny-bytes"
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import ray
 import requests
-from conftest import SERVED_NAME, byte_llama_dir, free_port, greedy_text
+from conftest import REPLICA_PREFIX, SERVED_NAME, byte_llama_dir, free_port, greedy_text, wait_for
 from ray import serve
 
 from cllm.models.loading import load_model
@@ -36,7 +36,6 @@ from cllm.serving.config import ServeConfig
 MODEL_NAME, CONTEXT = SERVED_NAME, 1024
 LONG_PROMPT, LONG_TOKENS = "end.", 1000  # the tiny model's greedy answer runs the whole length: 1,000 passes
 TIMEOUT = (5, 120)  # connect, read
-REPLICA_PREFIX = "SERVE_REPLICA::cllm#JacobiServer#"
 
 
 @pytest.fixture(scope="module")
@@ -130,17 +129,7 @@ def refused_while_streaming(url: str, stream: Stream, stopping) -> requests.Resp
 
 def replica_names() -> list[str]:
     return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-                  if a["name"].startswith(REPLICA_PREFIX))  # fmt: skip
-
-
-def wait_for(condition, timeout: float, every: float = 0.5) -> float | None:
-    """Seconds until `condition()` held, or None after `timeout`."""
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        if condition():
-            return time.monotonic() - start
-        time.sleep(every)
-    return None
+                  if a["name"].startswith(REPLICA_PREFIX.format(app="cllm")))  # fmt: skip
 
 
 def healthz_status(url: str) -> int | None:

@@ -30,12 +30,14 @@ import pytest
 import requests
 from conftest import (
     BYTE_VOCAB,
+    REPLICA_PREFIX,
     SERVED_CONTEXT,
     SERVED_NAME,
     byte_level_tokenizer,
     greedy_text,
     save_model_dir,
     tiny_model,
+    wait_for,
 )
 from ray import serve
 from ray._private.state import actors as actor_table
@@ -46,7 +48,6 @@ from cllm.serving.api import build_app
 CONTEXT, MODEL_NAME = SERVED_CONTEXT, SERVED_NAME
 BODY_LIMIT = 64 * 1024  # the test server's max_request_bytes (the default is 4 MiB)
 TIMEOUT = (5, 60)  # connect, read: a hang fails the test instead of stalling it
-REPLICA_PREFIX = "SERVE_REPLICA::{app}#JacobiServer#"
 COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
 
 
@@ -467,16 +468,6 @@ def test_a_killed_replica_process_is_replaced_and_requests_succeed_again(server,
 def replica_states(app: str) -> dict[str, int]:
     """How many of the app's replicas are in each state (STARTING, RUNNING, STOPPING, ...)."""
     return dict(serve.status().applications[app].deployments["JacobiServer"].replica_states)
-
-
-def wait_for(condition, timeout: float, every: float = 0.5) -> float | None:
-    """Seconds until `condition()` held, or None after `timeout`."""
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        if condition():
-            return time.monotonic() - start
-        time.sleep(every)
-    return None
 
 
 @pytest.mark.slow
