@@ -302,7 +302,7 @@ def main(argv: list[str] | None = None) -> None:
         cfg = load_config(LoadConfig, sys.argv[1:] if argv is None else argv)
     except ValueError as err:
         sys.exit(f"error: {err}")
-    prompts = test_prompts(cfg)
+    prompts = eval_prompts(cfg)
     if cfg.url is not None:
         with urllib.request.urlopen(cfg.url.rstrip("/") + "/v1/models", timeout=30) as response:
             name = json.loads(response.read())["data"][0]["id"]
@@ -342,7 +342,7 @@ def main(argv: list[str] | None = None) -> None:
             stop_servers()
 
 
-def test_prompts(cfg: LoadConfig, count: int = 64) -> list[str]:
+def eval_prompts(cfg: LoadConfig, count: int = 64) -> list[str]:
     """The first `count` prompts of the dataset's test split, as text."""
     records = cfg.load_split("test", limit=count, seed=cfg.seed).records
     if not all(isinstance(record["prompt"], str) for record in records):
