@@ -146,6 +146,7 @@ def finished_files(output: Path) -> list[Path]:
     return finished
 
 
+@pytest.mark.extended
 def test_killed_run_resumes_to_exactly_the_rows_of_an_uninterrupted_run(collected, local_ray, tmp_path):
     reference, _, rows = collected
     output = tmp_path / "trajectories"

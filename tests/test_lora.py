@@ -190,6 +190,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tmp_path, lora
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_lora_run_checkpoints_and_resumes(local_ray, tiny_model_dir, tmp_path):
     data = write_trajectories(tmp_path / "traj.parquet")
     config = config_for(tmp_path, tiny_model_dir, data, max_steps=2, lora_rank=4, lr=1e-2, gradient_checkpointing=True)
@@ -256,6 +257,7 @@ def test_qlora_run_through_ray_train_checkpoints_resumes_and_exports(local_ray, 
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_lora_under_deepspeed_zero3_exports_the_merged_model(local_ray, tiny_model_dir, tmp_path):
     data = write_trajectories(tmp_path / "traj.parquet")
     config = config_for(

@@ -134,8 +134,9 @@ def test_slow_node_killed_during_training_resumes_to_the_same_weights(harness, p
     assert 0 < outcome.facts["start_step"] < outcome.facts["steps"] == placement.facts["steps"]
 
 
-@pytest.mark.slow  # not `multinode`: the fastest scenario (about 3 minutes) runs in every CI run
+@pytest.mark.slow
 @pytest.mark.timeout(1500)
+@pytest.mark.extended
 def test_slow_serve_replica_replaced_after_its_node_is_killed_under_load(harness):
     outcome = harness.serve_kill()
     check(outcome)

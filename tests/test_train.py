@@ -66,6 +66,7 @@ def test_ddp_consistency_training_checkpoints_and_resumes(local_ray, tiny_model_
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_training_is_reproducible_whatever_files_hold_the_records(local_ray, tiny_model_dir, tmp_path):
     """Collection writes files in the order its actors finish; the trained weights must not depend on it."""
     table = pq.read_table(write_trajectories(tmp_path / "traj.parquet", n_prompts=24))
@@ -97,6 +98,7 @@ def crash_once(marker: Path, step: int):
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_a_run_resumed_mid_epoch_trains_the_weights_of_one_never_stopped(local_ray, tiny_model_dir, tmp_path):
     """After a resume, each batch draws the same trajectory states as in a run that went through, so the
     retried run ends with the same weights, bit for bit."""
@@ -111,6 +113,7 @@ def test_a_run_resumed_mid_epoch_trains_the_weights_of_one_never_stopped(local_r
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_worker_failure_is_retried_from_the_last_checkpoint(local_ray, tiny_model_dir, tmp_path):
     data = write_ar_records(tmp_path / "ar.parquet")
     # max_failures=2: under heavy load Ray Train 2.60 can lose the restarted group to the old placement

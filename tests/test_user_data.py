@@ -123,6 +123,7 @@ def pipeline_ray():
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_free_text_longer_than_the_context_goes_through_every_stage(tmp_path, short_context_model, pipeline_ray):
     spec = free_text_file(tmp_path / "code.jsonl")
     argv = ["--model", short_context_model, "--dataset", spec, "--test-fraction", "0.3", "--split-seed", "1",

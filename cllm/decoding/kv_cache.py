@@ -62,6 +62,11 @@ INEXACT_FAMILIES = {
              "greedy output depends on how the cache is filled",
     "xlm": "its cache is a dict of its own, not a per-token transformers Cache",
 }
+# RNN families that transformers marks neither as stateful nor by recurrent layer types (it excludes them from
+# DynamicCache by name).
+RECURRENT_FAMILIES = ("rwkv", "xlstm")
+RECURRENT_REASON = ("it keeps a recurrent state (state-space, linear-attention or RNN layers) instead of a per-token "
+                    "KV cache, so a pass cannot be rolled back to the last committed token")
 # Families whose forward takes no position_ids yet numbers tokens from the attention mask (ALiBi over the
 # mask's cumulative sum), which skips the cache's holes as position ids would.
 POSITIONS_FROM_MASK = ("bloom",)
@@ -78,6 +83,16 @@ def refuse(model, reason: str) -> UnsupportedModelError:
         f"{type(model).__name__} ({family}) cannot be decoded exactly by Jacobi decoding: {reason}")
 
 
+def recurrent_layer_types(config) -> list[str]:
+    """The recurrent layer kinds named by the config's layer types (state-space models list theirs as
+    'linear_attention' from transformers 5.25 on)."""
+    try:
+        layer_types, _ = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
+    except (AttributeError, KeyError, TypeError):
+        return []
+    return [layer_type for layer_type in dict.fromkeys(layer_types) if layer_type in RECURRENT_LAYER_TYPES]
+
+
 def unsupported_reason(model) -> str | None:
     """Why the model's cache, positions or causality rule exact Jacobi decoding out; None when they do not."""
     config = model.config
@@ -86,9 +101,8 @@ def unsupported_reason(model) -> str | None:
         return INEXACT_FAMILIES[family]
     if getattr(config, "is_encoder_decoder", False):
         return "it is an encoder-decoder model; only decoder-only causal LMs are supported"
-    if getattr(model, "_is_stateful", False):
-        return ("it keeps a recurrent state (state-space, linear-attention or RNN layers) instead of a per-token "
-                "KV cache, so a pass cannot be rolled back to the last committed token")
+    if getattr(model, "_is_stateful", False) or family in RECURRENT_FAMILIES or recurrent_layer_types(config):
+        return RECURRENT_REASON
     supports_dynamic = getattr(model, "_supports_default_dynamic_cache", None)
     parameters = forward_parameters(type(model))
     if supports_dynamic is None or not supports_dynamic() or not {"cache", "past_key_values"} & set(parameters):
@@ -120,9 +134,6 @@ def check_supported(model) -> AttentionLayout:
     except (AttributeError, KeyError, TypeError) as err:
         raise refuse(model, f"transformers cannot tell its per-layer attention layout ({err})") from err
     for layer_type in dict.fromkeys(layer_types):
-        if layer_type in RECURRENT_LAYER_TYPES:
-            raise refuse(model, f"its {layer_type!r} layers keep a recurrent state instead of a per-token KV cache, "
-                                "so a pass cannot be rolled back to the last committed token")
         if layer_type not in ATTENTION_LAYER_TYPES + NO_CACHE_LAYER_TYPES:
             raise refuse(model, f"its {layer_type!r} layers have no exact Jacobi attention mask here "
                                 "(supported: full and sliding-window attention)")
