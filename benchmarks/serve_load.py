@@ -59,20 +59,23 @@ class LoadConfig(StageConfig, DataFields, DecodeFields, ServeOptions):
     `DecodeFields`: the same names, bounds, defaults and checks), each variant with its `mode` and `engine`
     taken from `modes` x `engines`; the prompts are the test split of the dataset (`DataFields`)."""
 
-    model: str | None = None  # default: the server's default (last default pipeline run, else built-in)
-    model_name: str = "cllm-bench"
-    url: str | None = None  # drive this running server instead of starting one (its own mode only)
-    modes: list[ModeName] = [JACOBI.name, BASELINE]
-    engines: list[EngineKind] = list(get_args(EngineKind))
-    concurrency: list[int] = [1, 16]
-    requests_per_client: int = Field(4, ge=1)
-    arrival_rates: list[float] = []  # open loop: requests per second, Poisson arrivals
-    open_loop_requests: int = Field(64, ge=1)  # requests sent at each arrival rate
-    check: bool = True  # compare every answer with greedy `generate` on the same model, in this process
-    max_tokens: int = Field(64, ge=1)
-    stream: bool = True  # stream answers, which also measures time to first token
-    seed: int = 0
-    request_timeout_s: float = Field(300.0, gt=0)
+    model: str | None = Field(
+        None, description="the model to serve (default: the server's own, the last default pipeline run's CLLM)")
+    model_name: str = Field("cllm-bench", description="the name the servers answer to")
+    url: str | None = Field(None, description="drive this running server instead of starting servers (its own mode)")
+    modes: list[ModeName] = Field([JACOBI.name, BASELINE], description="one server per mode x engine")
+    engines: list[EngineKind] = Field(list(get_args(EngineKind)), description="one server per mode x engine")
+    concurrency: list[int] = Field([1, 16], description="closed loops of this many clients, one after another")
+    requests_per_client: int = Field(4, ge=1, description="closed loop: requests each client sends in turn")
+    arrival_rates: list[float] = Field(
+        [], description="open loops: requests per second, at Poisson-distributed times")
+    open_loop_requests: int = Field(64, ge=1, description="open loop: requests sent at each arrival rate")
+    check: bool = Field(
+        True, description="compare every answer with greedy `generate` on the same model, in this process")
+    max_tokens: int = Field(64, ge=1, description="tokens each request asks for")
+    stream: bool = Field(True, description="stream answers, which also measures time to first token")
+    seed: int = Field(0, description="seed of the servers and of the prompts' order")
+    request_timeout_s: float = Field(300.0, gt=0, description="a request not answered by then counts as an error")
 
     @model_validator(mode="after")
     def _variants_name_mode_and_engine(self):

@@ -392,6 +392,24 @@ def test_a_row_alone_is_a_copy_of_that_row_only(char_loaded):
     assert alone.layers()[0].keys.shape[-2] > shared[0][0].shape[-2]
 
 
+def test_spare_cache_rows_follow_the_live_rows_up_to_the_cap(char_loaded):
+    """A replica sized for many requests keeps buffers for about twice the rows it runs, never more than
+    `max_batch_size`, so a lightly loaded one copies no empty rows."""
+    eng = engine(char_loaded, block_size=4, max_batch_size=5)
+    eng.add(job(char_loaded, PROMPTS[0], 24))
+    eng.step()
+    assert {layer.key_buffer.shape[0] for layer in eng.runner.cache.layers()} == {2}
+    for p in PROMPTS[1:]:
+        eng.add(job(char_loaded, p, 24))
+    capacities = set()
+    while eng.has_work():
+        eng.step()
+        if eng.runner.cache is not None and eng.runner.running:
+            capacities |= {layer.key_buffer.shape[0] for layer in eng.runner.cache.layers()}
+            assert all(layer.rows <= layer.key_buffer.shape[0] for layer in eng.runner.cache.layers())
+    assert max(capacities) == 5  # grew to the cap once five ran at once, and no further
+
+
 def test_a_request_that_cannot_fit_is_refused_before_it_joins(char_loaded):
     eng = engine(char_loaded)
     with pytest.raises(ValueError, match="context"):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -110,6 +111,16 @@ class Stream:
         return self.text, self.done, self.error
 
 
+def abandon_stream(url: str, prompt: str, max_tokens: int) -> None:
+    """Send a streamed completion and hang up at once, before any of the answer could be read."""
+    host, port = url.removeprefix("http://").split(":")
+    body = json.dumps({"model": MODEL_NAME, "prompt": prompt, "max_tokens": max_tokens, "stream": True}).encode()
+    head = (f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    with socket.create_connection((host, int(port)), timeout=10) as connection:
+        connection.sendall(head + body)
+
+
 def refused_while_streaming(url: str, stream: Stream, stopping) -> requests.Response:
     """Send requests while a stop is under way until one is refused, which must happen before `stream` ends:
     the proof that the drain refused newcomers while the request in flight went on."""
@@ -171,7 +182,11 @@ def test_a_replica_whose_engine_thread_stopped_answers_503_and_serve_replaces_it
 
 
 def test_stopping_lets_a_stream_in_flight_finish_and_refuses_new_requests(server, long_served, long_dir):
+    """Streams whose clients hung up at once count as in flight no longer: the drain ends with the one stream
+    still read, not at its timeout."""
     expected = greedy_text(long_served, LONG_PROMPT, LONG_TOKENS)
+    for _ in range(4):
+        abandon_stream(server, LONG_PROMPT, LONG_TOKENS)
     stream = Stream(server, LONG_PROMPT, LONG_TOKENS)
     assert stream.started.wait(120) and stream.error is None
     stopper = threading.Thread(target=stop_serving, args=(ServeConfig(**app_args(long_dir)),))
@@ -179,7 +194,9 @@ def test_stopping_lets_a_stream_in_flight_finish_and_refuses_new_requests(server
     refusal = refused_while_streaming(server, stream, stopper.is_alive)
     text, done, error = stream.result()
     stopper.join(120)
+    stopped_after = time.monotonic() - stream.ended_at
     assert error is None and done and text == expected  # the stream in flight finished, whole
+    assert stopped_after < ServeConfig(**app_args(long_dir)).drain_timeout_s / 2, stopped_after
     assert_openai_error(refusal, 503, "shutting_down")
     assert not stopper.is_alive() and replica_names() == []
     with pytest.raises(requests.ConnectionError):  # Serve is gone: its proxy no longer listens

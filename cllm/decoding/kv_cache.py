@@ -208,14 +208,23 @@ class ReservedLayer(DynamicLayer):
     is written into a spare row, a leaving row is overwritten by the last row, and columns that no row
     uses any more on the left are dropped by moving `start`. The cache is copied whole only into larger
     buffers (when the spare rows or columns run out) or to drop holes scattered in the middle.
+
+    Spare rows follow the live rows (twice as many, up to `max_rows`) instead of being reserved for
+    `max_rows` at once: every copy writes the whole buffer, so a few live rows in buffers sized for many
+    would pay for the empty ones on each copy.
     """
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, spare_rows: int = 0):
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, max_rows: int | None = None):
         super().__init__()
         self.device, self.is_initialized = keys.device, True
-        self.rows, self.start = 0, 0
+        self.rows, self.start, self.max_rows = 0, 0, max_rows
         self.key_buffer = self.value_buffer = None
-        self.relocate(keys, values, keys.shape[0] + spare_rows, 2 * keys.shape[-2])
+        self.relocate(keys, values, self.row_room(keys.shape[0]), 2 * keys.shape[-2])
+
+    def row_room(self, rows: int) -> int:
+        """The row capacity of a new buffer for `rows` live rows."""
+        room = 2 * rows if self.max_rows is None else min(2 * rows, self.max_rows)
+        return max(rows, room, 1)
 
     def relocate(self, keys: torch.Tensor, values: torch.Tensor, row_capacity: int, column_capacity: int,
                  left: int = 0) -> None:
@@ -238,7 +247,7 @@ class ReservedLayer(DynamicLayer):
     def adopt(self) -> None:
         """Re-link `keys`/`values` to buffers if something assigned them directly (deepcopy, slicing)."""
         if not self.adopted():
-            self.relocate(self.keys, self.values, self.keys.shape[0], 2 * self.keys.shape[-2])
+            self.relocate(self.keys, self.values, self.row_room(self.keys.shape[0]), 2 * self.keys.shape[-2])
 
     def adopted(self) -> bool:
         """Whether `keys` is still this layer's view (code that assigns `keys` itself breaks the link)."""
@@ -250,7 +259,7 @@ class ReservedLayer(DynamicLayer):
         new = key_states.shape[-2]
         if self.end + new > self.key_buffer.shape[2]:
             width = self.end - self.start
-            self.relocate(self.keys, self.values, self.key_buffer.shape[0], 2 * (width + new))
+            self.relocate(self.keys, self.values, self.row_room(self.rows), 2 * (width + new))
         self.key_buffer[: self.rows, :, self.end : self.end + new] = key_states
         self.value_buffer[: self.rows, :, self.end : self.end + new] = value_states
         self.set_view(self.end + new)
@@ -270,7 +279,7 @@ class ReservedLayer(DynamicLayer):
         if joining > self.start + width or self.rows + keys.shape[0] > self.key_buffer.shape[0]:
             # too wide for the room on the left, or no spare rows: copy into larger buffers, room on the left
             room = max(0, joining - width)
-            self.relocate(self.keys, self.values, max(2 * self.key_buffer.shape[0], self.rows + keys.shape[0]),
+            self.relocate(self.keys, self.values, self.row_room(self.rows + keys.shape[0]),
                           room + 2 * (width + joining), left=room)
         if joining > self.end - self.start:  # wider than the cache: its rows get holes on the left
             self.start = self.end - joining
@@ -312,4 +321,4 @@ class ReservedLayer(DynamicLayer):
         """Keep only columns `index` (holes scattered in the middle): copies the cache into new buffers."""
         self.adopt()
         keys, values = self.keys.index_select(-2, index), self.values.index_select(-2, index)
-        self.relocate(keys, values, self.key_buffer.shape[0], 2 * len(index))
+        self.relocate(keys, values, self.row_room(self.rows), 2 * len(index))

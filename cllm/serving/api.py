@@ -77,6 +77,21 @@ def openai_error(err: RequestError) -> OpenAIError:
     return OpenAIError(err.message, param=err.param, code=code)
 
 
+class ReleasingStream(StreamingResponse):
+    """A streamed answer that runs `release` when it is over, even when it was cancelled before its body was
+    read (the body's own `finally` never runs then)."""
+
+    def __init__(self, content, release, **kwargs):
+        super().__init__(content, **kwargs)
+        self.release = release
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.release()
+
+
 class ServeMetrics:
     """Replica metrics, exported by Ray's metrics agent (Prometheus)."""
 
@@ -367,6 +382,21 @@ class JacobiServer:
                 if self.config.stream_interval_s and outputs.unfinished:  # what comes meanwhile goes in one write
                     await outputs.wait_ended(self.config.stream_interval_s)
 
+        released = False
+
+        def release() -> None:
+            """The stream leaves: once, whether its events ended, failed, or never began (a client that
+            disconnects before the first write cancels the response before its body is read)."""
+            nonlocal released
+            if released:
+                return
+            released = True
+            self.in_flight -= 1
+            if outputs.unfinished:  # the client left early: stop its rows
+                tokens = sum(len(choice.tokens) for choice in choices)
+                logger.info("client left a stream after %d tokens", tokens)
+                self.engine.abort(choices)
+
         async def events() -> AsyncIterator[str]:
             try:
                 if opening := "".join(reply.opening(index) for index in range(len(choices))):
@@ -383,14 +413,11 @@ class JacobiServer:
                         ending.append(reply.usage_only(choices))
                 yield "".join(ending) + SSE_DONE
             finally:
-                self.in_flight -= 1
-                if outputs.unfinished:  # the client left early: stop its rows
-                    tokens = sum(len(choice.tokens) for choice in choices)
-                    logger.info("client left a stream after %d tokens", tokens)
-                    self.engine.abort(choices)
+                release()
 
-        return StreamingResponse(
+        return ReleasingStream(
             events(),
+            release,
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers},
         )

@@ -33,7 +33,9 @@ class ServeOptions(BaseModel):
     engine: Literal["continuous", "static"] = Field(
         "continuous", description="batching per replica: continuous admits requests between Jacobi iterations, "
                                   "static decodes each gathered batch to its end")
-    max_batch_size: int = Field(8, ge=1, description="continuous: the most requests running at once")
+    # The running-rows cap, the token budget and the autoscaling target were chosen with the load benchmark
+    # (docs/results.md, "Serving defaults"): past the cap, newcomers wait for a whole request to finish.
+    max_batch_size: int = Field(32, ge=1, description="continuous: the most requests running at once")
     max_tokens_per_step: int = Field(
         256, ge=1, description="continuous: running requests x block size per pass, at most")
     prefill_first: bool = Field(
@@ -49,7 +51,7 @@ class ServeOptions(BaseModel):
     min_replicas: int = Field(1, ge=0, description="autoscaling: the fewest replicas")
     max_replicas: int = Field(1, ge=1, description="autoscaling: the most replicas")
     target_ongoing_requests: float = Field(
-        8.0, gt=0, description="autoscaling: the requests per replica it aims for")
+        16.0, gt=0, description="autoscaling: the requests per replica it aims for")
     upscale_delay_s: float = Field(
         30.0, ge=0, description="autoscaling: seconds the load must stay high before adding a replica")
     downscale_delay_s: float = Field(

@@ -69,10 +69,10 @@ class RunningCache:
 
     @classmethod
     def reserve(cls, cache: DynamicCache, mask: torch.Tensor, rows: int) -> RunningCache:
-        """A prefill's cache as the running cache: every layer that holds tensors gets spare rows (up to
-        `rows`) and spare columns."""
+        """A prefill's cache as the running cache: every layer that holds tensors gets spare rows (at most
+        `rows` in all) and spare columns."""
         cache.layers = [
-            ReservedLayer(layer.keys, layer.values, spare_rows=max(0, rows - layer.keys.shape[0])) if holds(layer)
+            ReservedLayer(layer.keys, layer.values, max_rows=rows) if holds(layer)
             else layer for layer in cache.layers
         ]
         return cls(cache, mask)
@@ -115,7 +115,7 @@ class RunningCache:
         row and the spare buffers, which at real sizes may not fit beside the cache)."""
         alone = copy.copy(self.cache)
         alone.layers = [
-            ReservedLayer(layer.keys[row : row + 1], layer.values[row : row + 1]) if holds(layer)
+            ReservedLayer(layer.keys[row : row + 1], layer.values[row : row + 1], max_rows=1) if holds(layer)
             else copy.deepcopy(layer) for layer in self.cache.layers
         ]
         return RunningCache(alone, self.mask[row : row + 1])
