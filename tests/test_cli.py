@@ -62,7 +62,7 @@ HELP_CASES = {
         "--data": ("Parquet file", "(required)"),
     }),
     "serve": (["pipelines/serve.py"], "serve.py", {
-        "--max-batch-size": ("the most requests running at once", "(default: 8)"),
+        "--max-batch-size": ("the most requests running at once", "(default: 32)"),
         "--port": ("port", "(default: 8000)"),
     }),
     "evaluate": (["pipelines/evaluate.py"], "evaluate.py", {

@@ -1,5 +1,6 @@
 """A replica's life, over real HTTP: a real local Ray and Serve on 127.0.0.1, the real (tiny) served model.
 
+  defaults      16 streams at once all begin before any ends (the default running-rows cap)
   dead engine   a replica whose engine thread has stopped answers 503 (/healthz and requests, OpenAI
                 error bodies) and fails Serve's health check; Serve replaces it within seconds, and
                 the new replica answers exactly
@@ -148,6 +149,22 @@ def healthz_status(url: str) -> int | None:
         return requests.get(url + "/healthz", timeout=TIMEOUT).status_code
     except requests.RequestException:
         return None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The default running-rows cap
+
+
+def test_with_the_defaults_sixteen_streams_all_start_before_any_ends(server, long_served):
+    """The server runs on its default `max_batch_size`: 16 clients streaming at once all get their first
+    text before the first of them is answered whole, so none waits for another's request to finish."""
+    expected = greedy_text(long_served, LONG_PROMPT, 200)
+    streams = [Stream(server, LONG_PROMPT, 200) for _ in range(16)]
+    results = [stream.result() for stream in streams]
+    assert all(error is None and done and text == expected for text, done, error in results), results[0]
+    last_start = max(stream.first_at for stream in streams)
+    first_end = min(stream.ended_at for stream in streams)
+    assert last_start < first_end, f"a stream began {last_start - first_end:.2f}s after the first had ended"
 
 
 # ---------------------------------------------------------------------------------------------------------
