@@ -61,9 +61,13 @@ def server(serve_cluster, long_dir):
     return serve_cluster
 
 
+def completion(prompt: str, max_tokens: int, stream: bool = False) -> dict:
+    """A completion request's body."""
+    return {"model": MODEL_NAME, "prompt": prompt, "max_tokens": max_tokens, "stream": stream}
+
+
 def complete(url: str, prompt: str, max_tokens: int) -> requests.Response:
-    payload = {"model": MODEL_NAME, "prompt": prompt, "max_tokens": max_tokens}
-    return requests.post(url + "/v1/completions", json=payload, timeout=TIMEOUT)
+    return requests.post(url + "/v1/completions", json=completion(prompt, max_tokens), timeout=TIMEOUT)
 
 
 def assert_openai_error(response: requests.Response, status: int, code: str) -> None:
@@ -81,8 +85,8 @@ class Stream:
         self.text, self.done, self.error = "", False, None
         self.first_at = self.ended_at = 0.0
         self.started = threading.Event()
-        payload = {"model": MODEL_NAME, "prompt": prompt, "max_tokens": max_tokens, "stream": True}
-        self.thread = threading.Thread(target=self.read, args=(url, payload), daemon=True)
+        self.thread = threading.Thread(target=self.read, args=(url, completion(prompt, max_tokens, stream=True)),
+                                       daemon=True)
         self.thread.start()
 
     def read(self, url: str, payload: dict) -> None:
@@ -115,7 +119,7 @@ class Stream:
 def abandon_stream(url: str, prompt: str, max_tokens: int) -> None:
     """Send a streamed completion and hang up at once, before any of the answer could be read."""
     host, port = url.removeprefix("http://").split(":")
-    body = json.dumps({"model": MODEL_NAME, "prompt": prompt, "max_tokens": max_tokens, "stream": True}).encode()
+    body = json.dumps(completion(prompt, max_tokens, stream=True)).encode()
     head = (f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\n\r\n").encode()
     with socket.create_connection((host, int(port)), timeout=10) as connection:
@@ -206,14 +210,15 @@ def test_stopping_lets_a_stream_in_flight_finish_and_refuses_new_requests(server
         abandon_stream(server, LONG_PROMPT, LONG_TOKENS)
     stream = Stream(server, LONG_PROMPT, LONG_TOKENS)
     assert stream.started.wait(120) and stream.error is None
-    stopper = threading.Thread(target=stop_serving, args=(ServeConfig(**app_args(long_dir)),))
+    config = ServeConfig(**app_args(long_dir))
+    stopper = threading.Thread(target=stop_serving, args=(config,))
     stopper.start()
     refusal = refused_while_streaming(server, stream, stopper.is_alive)
     text, done, error = stream.result()
     stopper.join(120)
     stopped_after = time.monotonic() - stream.ended_at
     assert error is None and done and text == expected  # the stream in flight finished, whole
-    assert stopped_after < ServeConfig(**app_args(long_dir)).drain_timeout_s / 2, stopped_after
+    assert stopped_after < config.drain_timeout_s / 2, stopped_after
     assert_openai_error(refusal, 503, "shutting_down")
     assert not stopper.is_alive() and replica_names() == []
     with pytest.raises(requests.ConnectionError):  # Serve is gone: its proxy no longer listens
