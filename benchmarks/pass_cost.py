@@ -2,6 +2,14 @@
 
     python benchmarks/pass_cost.py                      # the built-in teacher's shape, random weights
     python benchmarks/pass_cost.py --model builtin      # the trained teacher itself
+    python benchmarks/pass_cost.py --model smollm2 --widths 2,4,8,16,32 --threads 2   # per block size
+
+With `--widths`, only the sweep: each width's engine pass in AR steps, which is also the tokens per pass
+Jacobi decoding needs at that block size to break even with the AR loop. With `--report` (a `cllm bench`
+report.json of the same model) as well, each Jacobi result's histogram of tokens committed per pass predicts
+its tokens per pass at every narrower block, and so its speed over the AR loop there:
+
+    python benchmarks/pass_cost.py --model smollm2-cllm --widths 2,4,8,16 --threads 2 --report out/report.json
 
 A pass's cost in AR steps is the time of one window-w forward against a cached prefix of ~100 tokens,
 divided by the time of one 1-token forward against the same prefix. Both are timed two ways: the model
@@ -15,10 +23,12 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
+import json
 import pstats
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -129,6 +139,71 @@ def python_functions(fn, calls: int, rows: int) -> tuple[float, str]:
     return stats.total_calls / calls, "\n".join(out.getvalue().splitlines()[4:])
 
 
+def block_sizes(text: str) -> list[int]:
+    widths = [int(w) for w in text.split(",")]
+    if any(w < 1 for w in widths):
+        raise ValueError(text)
+    return widths
+
+
+def predicted_tokens_per_pass(histogram: dict[int, int], width: int) -> float:
+    """Tokens per pass at block `width` from a histogram of tokens committed per pass at a wider block.
+
+    A pass commits the run of window tokens the model confirms, and a narrower window caps that run at its
+    width; guesses and the model's agreement are taken to be alike in the first `width` positions.
+    """
+    passes = sum(histogram.values())
+    return sum(count * min(k, width) for k, count in histogram.items()) / passes if passes else 0.0
+
+
+def jacobi_histograms(report: Path) -> tuple[int, dict[str, dict[int, int]]]:
+    """The block size of a `cllm bench` report and each model's Jacobi histogram of tokens committed per pass."""
+    data = json.loads(report.read_text())
+    found = {r["model"]: {int(k): v for k, v in r["commit_histogram"].items()}
+             for r in data["results"] if r["method"] == "jacobi" and r["commit_histogram"]}
+    if not found:
+        raise SystemExit(f"{report} holds no Jacobi result with a commit histogram")
+    return int(data["settings"]["block_size"]), found
+
+
+def predict(costs: dict[int, float], report: Path, measured_block: int, histograms: dict[str, dict[int, int]]) -> None:
+    """Per model of the report: predicted tokens per pass and speed over the AR loop at each measured width."""
+    widths = [w for w in costs if w <= measured_block]
+    print(f"\nPredicted from the Jacobi histograms of {report} (block {measured_block}): tokens per pass at block w, "
+          "and that over the pass's cost in AR steps (the speed over the AR loop)")
+    print("| model | " + " | ".join(f"block {w}" for w in widths) + " | best |")
+    print("| --- | " + " | ".join("---:" for _ in widths) + " | --- |")
+    for model, histogram in histograms.items():
+        speed = {w: predicted_tokens_per_pass(histogram, w) / costs[w] for w in widths}
+        jacobi = {w: v for w, v in speed.items() if w > 1}  # a 1-token window is the AR loop itself
+        best = max(jacobi, key=jacobi.get) if jacobi else None
+        cells = " | ".join(f"{predicted_tokens_per_pass(histogram, w):.2f} / {speed[w]:.2f}x" for w in widths)
+        verdict = f"block {best}" if best is not None and speed[best] > 1 else "the AR loop"
+        print(f"| {model} | {cells} | {verdict} |")
+
+
+def sweep(bench: Pass, widths: list[int], samples: int, threads: int, report: Path | None = None) -> None:
+    """One row per block size: what its Jacobi pass (and a two-block multi-block pass) costs in AR steps."""
+    variants = {"engine pass, 1 token": lambda: bench.engine(1)}
+    for w in widths:
+        variants[f"jacobi {w}"] = lambda w=w: bench.engine(w)
+        variants[f"multiblock {w}"] = lambda w=w: bench.multiblock(2 * w)
+    best, cpu = fastest(variants, samples)
+    one, one_cpu = best["engine pass, 1 token"], cpu["engine pass, 1 token"]
+    print(f"prefix {bench.prefix}, {threads} thread(s), batch 1, {samples} interleaved samples; AR step "
+          f"{1e3 * one:.2f} ms (fastest), {1e3 * one_cpu:.2f} ms (median CPU). A Jacobi pass of block w beats the AR "
+          "loop only at more tokens per pass than its cost in AR steps.")
+    print("| block | Jacobi pass ms | AR steps | AR steps (CPU) | 2-block multi-block pass ms | AR steps "
+          "| AR steps (CPU) |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for w in widths:
+        j, m = f"jacobi {w}", f"multiblock {w}"
+        print(f"| {w} | {1e3 * best[j]:.2f} | {best[j] / one:.2f} | {cpu[j] / one_cpu:.2f} | "
+              f"{1e3 * best[m]:.2f} | {best[m] / one:.2f} | {cpu[m] / one_cpu:.2f} |")
+    if report:
+        predict({w: best[f"jacobi {w}"] / one for w in widths}, report, *jacobi_histograms(report))
+
+
 @torch.inference_mode()
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -138,7 +213,16 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=200)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rows", type=int, default=12, help="profiler rows to print")
+    parser.add_argument("--widths", type=block_sizes, default=None,
+                        help="comma-separated block sizes: print only their pass costs (no profiles)")
+    parser.add_argument("--report", type=Path, default=None,
+                        help="with --widths: a `cllm bench` report.json whose Jacobi histograms predict the speed "
+                        "at each width")
     args = parser.parse_args()
+    if args.report and not args.widths:
+        parser.error("--report needs --widths: the block sizes whose speed it predicts")
+    if args.report:
+        jacobi_histograms(args.report)  # a bad report fails before the model loads
     torch.set_num_threads(args.threads)
     if args.model:
         from cllm.models.loading import load_model
@@ -148,6 +232,9 @@ def main() -> None:
     else:
         model = builtin_shape()
     bench = Pass(model, args.prefix)
+    if args.widths:
+        sweep(bench, args.widths, args.samples, args.threads, args.report)
+        return
     w = args.width
     variants = {
         "model call, 1 token": lambda: bench.model_call(1),

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
+import json
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -223,3 +228,41 @@ def test_empty_prompt_is_rejected(llama_model):
     with pytest.raises(ValueError, match="all zeros"):
         jacobi_generate(llama_model, torch.ones(1, 3, dtype=torch.long), torch.zeros(1, 3, dtype=torch.long),
                         max_new_tokens=4)
+
+
+def pass_cost_module():
+    spec = importlib.util.spec_from_file_location("pass_cost", Path(__file__).parents[1] / "benchmarks/pass_cost.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_narrower_block_caps_the_tokens_each_pass_commits():
+    predict = pass_cost_module().predicted_tokens_per_pass
+    histogram = {1: 6, 2: 2, 5: 1, 16: 1}  # 10 passes, 31 tokens at block 16
+    assert predict(histogram, 16) == pytest.approx(3.1)
+    assert predict(histogram, 4) == pytest.approx((6 + 4 + 4 + 4) / 10)
+    assert predict(histogram, 1) == 1.0 and predict({}, 4) == 0.0
+
+
+def test_pass_cost_sweep_prints_one_row_per_block_size_and_predicts_from_a_report(tmp_path):
+    """benchmarks/pass_cost.py --widths: a row per block size; with --report, each Jacobi histogram's predicted
+    tokens per pass and speed at each width no wider than the report's block."""
+    script = Path(__file__).parents[1] / "benchmarks/pass_cost.py"
+    report = tmp_path / "report.json"
+    results = [{"model": "m", "method": "ar", "commit_histogram": {"1": 9}},
+               {"model": "m", "method": "jacobi", "commit_histogram": {"1": 2, "8": 2}}]
+    report.write_text(json.dumps({"settings": {"block_size": 8}, "results": results}))
+    out = subprocess.run([sys.executable, str(script), "--widths", "2,8,32", "--samples", "5", "--prefix", "20",
+                          "--report", str(report)], capture_output=True, text=True, timeout=120, check=True).stdout
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert [int(row[0]) for row in rows] == [2, 8, 32]
+    for row in rows:
+        jacobi_ms, jacobi_steps, multiblock_steps = float(row[1]), float(row[2]), float(row[5])
+        assert jacobi_ms > 0 and jacobi_steps > 0.5 and multiblock_steps > 0.5
+    predicted = next(line for line in out.splitlines() if line.startswith("| m |")).split("|")[2:-2]
+    assert [cell.split("/")[0].strip() for cell in predicted] == ["1.50", "4.50"]  # block 32 is wider than 8
+    assert "block 8" in out.splitlines()[-1]  # 4.5 tokens per pass outweigh any 8-token pass cost here
+
+    refused = subprocess.run([sys.executable, str(script), "--report", str(report)], capture_output=True, text=True)
+    assert refused.returncode == 2 and "--report needs --widths" in refused.stderr
