@@ -52,7 +52,8 @@ def bench(config: BenchConfig) -> list:
         check_model_path(name)
     models = {name: resolve_model(name) for name in config.models}
     results = evaluate_models(models, task, methods=config.methods, decode=config, chat=config.chat,
-                              device=config.device, metric=metric, reference=config.models[0])
+                              device=config.device, metric=metric, reference=config.models[0],
+                              batch_size=config.batch_size)
     print(markdown_table(results))
     if any(r.same_output is not None for r in results):
         print("\nAgainst the first model's greedy outputs:\n" + reference_table(results))

@@ -1,8 +1,9 @@
 """Side-by-side evaluation of decoding methods: speed (TPF, tokens/s, speedup), accuracy, exactness.
 
-Every method decodes the same prompts at batch size 1, interleaved prompt by prompt, so a change in
-machine load hits all methods alike. Forward passes are counted by a hook on the model itself, the
-same way for `transformers`' own loops and for ours. Nothing is dropped from the statistics: a prompt
+Every method decodes the same prompts, interleaved prompt by prompt (batch by batch with `batch_size`
+above 1), so a change in machine load hits all methods alike. At batch size 1 forward passes are counted
+by a hook on the model itself, the same way for `transformers`' own loops and for ours; a batch counts
+each row's own passes. Nothing is dropped from the statistics: a prompt
 that cannot be decoded (too long for the context, no tokens) is set aside and counted by reason, and
 every number is computed over the prompts decoded, with that count in the report.
 
@@ -23,9 +24,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
-from cllm.decoding.core import DecodeFields, response_budget, special_tokens
+from cllm.decoding.core import DecodeFields, left_pad, response_budget, special_tokens
 from cllm.decoding.modes import AR, JACOBI, MODES, MULTIBLOCK
 from cllm.models.loading import LoadedModel, context_length, format_prompt, load_model
 from cllm.tasks import EMPTY_PROMPT, PROMPT_TOO_LONG, Metric, Task, choose_metric, describe_set_aside, score
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
 METHODS = ("hf_greedy", AR.name, JACOBI.name, "jacobi_ngram", "hf_prompt_lookup", MULTIBLOCK.name)  # modes by name
 DEFAULT_METHODS = METHODS  # what a run compares unless told (the teacher: EvalOptions.teacher_methods)
 BASELINE = "hf_greedy"
+LOOKUP = "hf_prompt_lookup"
 Method = Literal[METHODS]
 
 
@@ -54,6 +56,20 @@ class EvalOptions(BaseModel):
     metric: Metric = Field(
         "auto", description="numeric (GSM8K's final number), exact (the trimmed text), none, or auto (from the "
                             "answers)")
+    batch_size: int = Field(
+        1, ge=1, description="prompts decoded together (left-padded): above 1, tokens/s is the batch's throughput and "
+                             "tokens per pass each row's; speed figures are quoted at 1")
+
+    @model_validator(mode="after")
+    def _batchable(self) -> EvalOptions:
+        check_batchable([*self.methods, *self.teacher_methods], self.batch_size)
+        return self
+
+
+def check_batchable(methods: Sequence[str], batch_size: int) -> None:
+    if batch_size > 1 and LOOKUP in methods:
+        raise ValueError(f"{LOOKUP} decodes one prompt at a time (transformers' assisted generation): "
+                         "leave it out of the methods or use batch_size 1")
 
 
 @dataclass
@@ -127,36 +143,55 @@ def count_forwards(model):
         handle.remove()
 
 
+@dataclass
+class Decoded:
+    """One method's decode of a batch: new tokens per row (up to the first EOS), passes after prefill per row."""
+
+    tokens: list[list[int]]
+    passes: list[int]
+    histogram: dict[int, int] | None
+
+
 def decoders(loaded: LoadedModel, *, decode: DecodeFields, lookup_tokens: int) -> dict[str, Callable]:
-    """Each method as `fn(input_ids, max_new_tokens) -> (new token ids, commit histogram or None)`, batch 1.
+    """Each method as `fn(input_ids, attention_mask, max_new_tokens) -> Decoded`, on a left-padded batch.
 
     Every decoding mode of `cllm.decoding.modes` by its name, with the configured settings (multi-block: its measured
-    defaults, rejection recycling off); "jacobi_ngram" is Jacobi with the n-gram pool's guesses.
+    defaults, rejection recycling off); "jacobi_ngram" is Jacobi with the n-gram pool's guesses. One prompt's
+    passes are the model's forward calls after prefill, whoever drives the loop (`transformers`' assisted generation
+    fixes several tokens per call too); a batch's are each row's: our loops count them, and `transformers`' greedy
+    loop fixes one token per pass.
     """
-    import torch
-
     model = loaded.model
     special = special_tokens(loaded.tokenizer, model.generation_config)
     common = dict(eos_token_id=list(special.eos_ids) or None, pad_token_id=special.pad_id)
 
+    def rows(sequences, prompt_width: int) -> list[list[int]]:
+        return [strip_after_eos(row, special.eos_ids) for row in sequences[:, prompt_width:].tolist()]
+
     def hf(**extra):
-        def run(ids, budget):
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=budget,
-                                 **common, **extra)
-            return out[0, ids.shape[1]:].tolist(), None
+        def run(ids, mask, budget):
+            with count_forwards(model) as calls:
+                out = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=budget, **common,
+                                     **extra)
+            tokens = rows(out, ids.shape[1])
+            passes = [calls[0] - 1] if len(tokens) == 1 else [max(len(t) - 1, 0) for t in tokens]
+            return Decoded(tokens, passes, None)
         return run
 
     def ours(mode, settings: DecodeFields):
-        def run(ids, budget):
-            out = mode.generate(model, ids, max_new_tokens=budget, **common, **mode.options(settings))
-            return out.sequences[0, ids.shape[1]:].tolist(), out.commit_histogram
+        def run(ids, mask, budget):
+            with count_forwards(model) as calls:
+                out = mode.generate(model, ids, attention_mask=mask, max_new_tokens=budget, **common,
+                                    **mode.options(settings))
+            passes = [calls[0] - 1] if ids.shape[0] == 1 else list(out.row_forward_passes)
+            return Decoded(rows(out.sequences, ids.shape[1]), passes, out.commit_histogram)
         return run
 
     return {
         "hf_greedy": hf(),
         **{name: ours(mode, decode) for name, mode in MODES.items()},
         "jacobi_ngram": ours(JACOBI, decode.model_copy(update={"init": "ngram"})),
-        "hf_prompt_lookup": hf(prompt_lookup_num_tokens=lookup_tokens),
+        LOOKUP: hf(prompt_lookup_num_tokens=lookup_tokens),
     }
 
 
@@ -176,12 +211,13 @@ def evaluate_model(
     lookup_tokens: int = 10,
     chat: bool = False,
     metric: str = "auto",
+    batch_size: int = 1,
 ) -> list[MethodResult]:
     """Decode every prompt with every method; return one result per method.
 
-    Each prompt gets `max_new_tokens` or what is left of the model's context, whichever is less; a
-    prompt that fills the context (or has no tokens) is not decoded and is counted in `set_aside`
-    (and fails the run when no prompt is left). Accuracy compares each decoded prompt's output with
+    Each prompt gets `max_new_tokens` or what is left of the model's context, whichever is less (a batch: what its
+    longest prompt leaves); a prompt that fills the context (or has no tokens) is not decoded and is counted in
+    `set_aside` (and fails the run when no prompt is left). Accuracy compares each decoded prompt's output with
     its own answer, by `metric` (resolved by `choose_metric` when "auto"); prompts without an answer
     are not scored.
     """
@@ -192,46 +228,50 @@ def evaluate_model(
         raise ValueError("no prompts to evaluate")
     if answers is not None and len(answers) != len(prompts):
         raise ValueError(f"{len(answers)} answers for {len(prompts)} prompts")
+    check_batchable(methods, batch_size)
     metric = choose_metric(metric, answers)[0] if answers is not None else "none"
     methods = tuple(dict.fromkeys((BASELINE, *methods)))  # exactness is judged against greedy AR
     decode = decode or DecodeFields()
     tokenizer = loaded.tokenizer
     run = decoders(loaded, decode=decode, lookup_tokens=lookup_tokens)
-    eos_ids = special_tokens(tokenizer, loaded.model.generation_config).eos_ids
+    pad_id = special_tokens(tokenizer, loaded.model.generation_config).pad_id
     results = {m: MethodResult(model=label or loaded.name, method=m, metric=metric) for m in methods}
     texts: dict[str, list[str]] = {m: [] for m in methods}
     histograms = {m: Counter() for m in methods}
     context = context_length(loaded.model)
     decoded, encoded, set_aside = prepare_prompts(tokenizer, prompts, chat=chat, context=context)
-    encoded = [ids.to(loaded.device) for ids in encoded]
     if not encoded:
         raise ValueError(f"no prompt can be decoded: {describe_set_aside(set_aside)} "
                          f"(the model's context is {context} tokens): nothing to evaluate")
-    budgets = [response_budget(decode.max_new_tokens, context, [ids.shape[1]]) for ids in encoded]
+    batches = [[ids[0].tolist() for ids in encoded[i : i + batch_size]] for i in range(0, len(encoded), batch_size)]
     # Warm-up: first calls pay for allocation and lazy initialisation. One block's worth covers prefill, a
     # Jacobi pass and a roll-back; a whole extra decode per method costs minutes at real size on a CPU.
+    first, first_mask = left_pad(batches[0][:1], pad_id, loaded.device)
     for method in methods:
-        run[method](encoded[0], min(budgets[0], decode.block_size))
+        run[method](first, first_mask, min(response_budget(decode.max_new_tokens, context, [first.shape[1]]),
+                                           decode.block_size))
     progress = Progress(f"evaluate {label or loaded.name}", len(encoded))
-    for done, (ids, budget) in enumerate(zip(encoded, budgets, strict=True), start=1):
+    done = 0
+    for batch in batches:
+        ids, mask = left_pad(batch, pad_id, loaded.device)
+        budget = response_budget(decode.max_new_tokens, context, [len(row) for row in batch])
         reference = None
         for method in methods:
-            with count_forwards(loaded.model) as calls:
-                start = time.perf_counter()
-                tokens, histogram = run[method](ids, budget)
-                seconds = time.perf_counter() - start
-            tokens = strip_after_eos(tokens, eos_ids)
-            reference = tokens if method == BASELINE else reference
+            start = time.perf_counter()
+            out = run[method](ids, mask, budget)
+            seconds = time.perf_counter() - start
+            reference = out.tokens if method == BASELINE else reference
             result = results[method]
-            result.prompts += 1
-            result.new_tokens += len(tokens)
-            result.decode_tokens += max(len(tokens) - 1, 0)
-            result.decode_forwards += max(calls[0] - 1, 0)
+            result.prompts += len(batch)
+            result.new_tokens += sum(len(tokens) for tokens in out.tokens)
+            result.decode_tokens += sum(max(len(tokens) - 1, 0) for tokens in out.tokens)
+            result.decode_forwards += sum(out.passes)
             result.seconds += seconds
-            result.exact += tokens == reference
-            histograms[method].update(histogram or {})
-            result.outputs.append(tokens)
-            texts[method].append(tokenizer.decode(tokens, skip_special_tokens=True))
+            result.exact += sum(a == b for a, b in zip(out.tokens, reference, strict=True))
+            histograms[method].update(out.histogram or {})
+            result.outputs += out.tokens
+            texts[method] += tokenizer.batch_decode(out.tokens, skip_special_tokens=True)
+        done += len(batch)
         progress.update(done)
     references = [answers[i] for i in decoded] if answers is not None else [None] * len(decoded)
     baseline_tps = results[BASELINE].tokens_per_second
@@ -278,6 +318,7 @@ def evaluate_models(
     metric: str = "auto",
     methods_of: dict[str, Sequence[str]] | None = None,
     reference: str | None = None,
+    batch_size: int = 1,
 ) -> list[MethodResult]:
     """Every method on every model ({label: model directory or hub name}), on the same prompts, in one run.
 
@@ -291,7 +332,7 @@ def evaluate_models(
         loaded = load_model(path, device=device)
         results += evaluate_model(
             loaded, task.prompts, task.answers, label=label, methods=tuple((methods_of or {}).get(label, methods)),
-            decode=decode, chat=chat, metric=metric,
+            decode=decode, chat=chat, metric=metric, batch_size=batch_size,
         )
     if reference is not None and len(models) > 1:
         compare_to_reference(results, reference, load_model(models[reference], device=device), task.prompts, chat=chat)

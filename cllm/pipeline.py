@@ -262,7 +262,8 @@ def evaluate_stage(config: PipelineConfig, teacher: str, cllm_dir: str, collecte
     metric, reason = task.metric(config.eval.metric)
     results = evaluate_models({"teacher": teacher, "cllm": cllm_dir}, task, methods=config.eval.methods,
                               decode=config, chat=config.chat, device="cuda" if config.use_gpu else "cpu",
-                              metric=metric, methods_of={"teacher": config.eval.teacher_methods}, reference="teacher")
+                              metric=metric, methods_of={"teacher": config.eval.teacher_methods}, reference="teacher",
+                              batch_size=config.eval.batch_size)
     print(markdown_table(results))
     settings = {"model": config.model, "teacher": teacher, "cllm": cllm_dir, "dataset": config.dataset,
                 "block_size": config.block_size, "max_new_tokens": config.max_new_tokens,

@@ -105,6 +105,44 @@ def test_each_decoded_prompt_is_scored_against_its_own_answer(llama_model, token
     assert all((r.metric, r.scored, r.correct) == ("exact", 1, 1) for r in partial)  # only prompts with an answer
 
 
+def test_a_batch_decodes_what_one_prompt_at_a_time_does(llama_model, tokenizer, results):
+    """batch_size 2 over three prompts of different lengths (a padded batch of two, then one): every method's
+    outputs are greedy AR's, the one-at-a-time run's; tokens per pass are each row's own passes."""
+    loaded = LoadedModel(llama_model, tokenizer, "tiny")
+    methods = ("ar", "jacobi", "jacobi_ngram", "multiblock")
+    batched = evaluate_model(loaded, PROMPTS, ["#### 1", "#### 2", "#### 3"], methods=methods, metric="exact",
+                             decode=DecodeFields(block_size=8, max_new_tokens=20), batch_size=2)
+    single = {r.method: r for r in results}
+    for r in batched:
+        assert r.prompts == 3 and r.exact == 3, r.method
+        assert r.outputs == single[r.method].outputs, r.method
+        assert r.new_tokens == single[r.method].new_tokens and r.scored == 3
+    by_method = {r.method: r for r in batched}
+    assert by_method["ar"].tokens_per_forward == by_method["hf_greedy"].tokens_per_forward == 1.0
+    for name in ("jacobi", "jacobi_ngram"):
+        jacobi = by_method[name]  # one histogram entry per row pass: the counts agree
+        assert sum(jacobi.commit_histogram.values()) == jacobi.decode_forwards
+        assert jacobi.decode_forwards <= by_method["ar"].decode_forwards
+
+
+def test_assisted_generation_is_refused_in_a_batch(llama_model, tokenizer, tiny_model_dir, tmp_path, capsys):
+    from pydantic import ValidationError
+
+    from cllm.evaluate import EvalOptions
+
+    with pytest.raises(ValueError, match="hf_prompt_lookup decodes one prompt at a time"):
+        evaluate_model(LoadedModel(llama_model, tokenizer, "tiny"), PROMPTS, methods=("hf_prompt_lookup",),
+                       batch_size=2)
+    with pytest.raises(ValidationError, match="hf_prompt_lookup decodes one prompt at a time"):
+        EvalOptions(batch_size=4)  # the default methods include it
+    assert EvalOptions(batch_size=4, methods=["ar", "jacobi"]).batch_size == 4
+    data = tmp_path / "prompts.jsonl"
+    data.write_text('{"prompt": "2 + 2 =", "answer": "#### 4"}\n')
+    with pytest.raises(SystemExit):
+        cli_main(["bench", "--models", str(tiny_model_dir), "--dataset", str(data), "--batch-size", "2"])
+    assert "hf_prompt_lookup decodes one prompt at a time" in capsys.readouterr().err
+
+
 def test_unknown_method_is_rejected(llama_model, tokenizer):
     with pytest.raises(ValueError, match="unknown evaluation methods"):
         evaluate_model(LoadedModel(llama_model, tokenizer, "tiny"), PROMPTS, methods=("beam",))
