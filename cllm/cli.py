@@ -82,9 +82,10 @@ def command(argv: list[str]) -> list | None:
     raise ConfigError(f"unknown command {argv[0]!r}: the command is bench (cllm bench --help lists its options)")
 
 
-def main(argv: list[str] | None = None) -> list | None:
-    """The `cllm` console script."""
-    return run_main(command, argv)
+def main(argv: list[str] | None = None) -> None:
+    """The `cllm` console script. It returns nothing: the script's wrapper passes a return value to `sys.exit`,
+    which would print it and end a successful run with status 1."""
+    run_main(command, argv)
 
 
 if __name__ == "__main__":

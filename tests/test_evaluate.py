@@ -105,6 +105,22 @@ def test_each_decoded_prompt_is_scored_against_its_own_answer(llama_model, token
     assert all((r.metric, r.scored, r.correct) == ("exact", 1, 1) for r in partial)  # only prompts with an answer
 
 
+def test_the_installed_cllm_command_exits_0_after_a_bench(tiny_model_dir, tmp_path):
+    """The console script, as a user runs it: status 0, the table on stdout, nothing else on stderr."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    data = tmp_path / "prompts.jsonl"
+    data.write_text('{"prompt": "2 + 2 =", "answer": "#### 4"}\n')
+    script = shutil.which("cllm") or str(Path(sys.executable).parent / "cllm")
+    done = subprocess.run([script, "bench", "--models", str(tiny_model_dir), "--dataset", str(data), "--limit", "1",
+                           "--max-new-tokens", "6", "--methods", "ar"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "| ar |" in done.stdout and "MethodResult" not in done.stderr
+
+
 def test_a_batch_decodes_what_one_prompt_at_a_time_does(llama_model, tokenizer, results):
     """batch_size 2 over three prompts of different lengths (a padded batch of two, then one): every method's
     outputs are greedy AR's, the one-at-a-time run's; tokens per pass are each row's own passes."""
